@@ -1,0 +1,59 @@
+"""The one small interface every backend implements: a batch of requests in, a batch of responses out.
+
+Backends never raise for a single failed request: they return a Response with `error` set, so the run can
+record it and go on. They raise VopdError only for run-level problems (model not found, server unreachable
+at start-up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Settings that change what a model answers; they are part of every record's key."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question about one image. The backend places the image before the text, as the paper does."""
+
+    key: str
+    image: Image.Image
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str
+    error: str | None = None  # set when the backend could not answer this request
+    seconds: float = 0.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    preferred_batch_size: int
+
+    def fingerprint(self) -> str:
+        """A stable id of the model weights and anything else that changes its answers."""
+        ...
+
+    def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        """Answer every request, in order. One Response per Request, never fewer."""
+        ...
+
+    def close(self) -> None: ...

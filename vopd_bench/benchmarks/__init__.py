@@ -1,0 +1,82 @@
+"""The benchmark registry. A benchmark is named on the command line as `name` or `name:arg`
+(`synthetic:test`, `local:data/my.jsonl`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vopd_bench.benchmarks.spec import BenchmarkSpec, LoadContext, row_to_sample
+from vopd_bench.errors import VopdError
+from vopd_bench.samples import BadSample, Sample
+
+# name -> factory(arg) -> spec. Factories are cheap: nothing is read until `load`.
+_REGISTRY: dict[str, Callable[[str | None], BenchmarkSpec]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(factory: Callable[[str | None], BenchmarkSpec]) -> Callable:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    _import_builtins()
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class LoadedBenchmark:
+    spec: BenchmarkSpec
+    samples: list[Sample | BadSample]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def resolve(name: str) -> tuple[BenchmarkSpec, str | None]:
+    _import_builtins()
+    base, _, arg = name.partition(":")
+    base = base.strip().lower()
+    if base not in _REGISTRY:
+        raise VopdError(f"unknown benchmark {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[base](arg or None), (arg or None)
+
+
+def load(name: str, *, data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> LoadedBenchmark:
+    """Resolve `name` and read its samples. Bad rows come back as BadSample; a missing source raises VopdError."""
+    spec, arg = resolve(name)
+    ctx = LoadContext(arg=arg, data_dir=data_dir, limit=limit, seed=seed)
+    samples: list[Sample | BadSample] = []
+    seen: set[str] = set()
+    for i, row in enumerate(spec.load_rows(ctx)):
+        if limit is not None and len(samples) >= limit:
+            break
+        s = row_to_sample(row, spec, i)
+        if s.id in seen:  # duplicate ids would silently merge records; keep both, visibly renamed
+            s = _renamed(s, f"{s.id}#{i}")
+        seen.add(s.id)
+        samples.append(s)
+    return LoadedBenchmark(spec, samples)
+
+
+def _renamed(s: Sample | BadSample, new_id: str) -> Sample | BadSample:
+    from dataclasses import replace
+
+    return replace(s, id=new_id)
+
+
+def _import_builtins() -> None:
+    # Each module registers its benchmarks on import.
+    from vopd_bench.benchmarks import local, synthetic  # noqa: F401
+
+    try:
+        from vopd_bench.benchmarks import hub  # noqa: F401
+    except ImportError:
+        pass
+
+
+__all__ = ["BenchmarkSpec", "LoadContext", "LoadedBenchmark", "available", "load", "register", "resolve"]

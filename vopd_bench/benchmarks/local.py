@@ -1,0 +1,74 @@
+"""`local:PATH`: a user's own JSONL, CSV or Parquet file.
+
+Fields: id, image (path relative to the file, or absolute), question, options (list, optional), answer
+(a letter when options exist), bbox (one [x1,y1,x2,y2] or a list of them; optional), bbox_format (xyxy by
+default, or xywh), category (optional).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from vopd_bench.benchmarks import register
+from vopd_bench.benchmarks.spec import ROW_ERROR, BenchmarkSpec, LoadContext
+from vopd_bench.errors import VopdError
+
+SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise VopdError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+    if not path.is_file():
+        raise VopdError(f"{path}: file not found")
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    try:
+        if kind == "json":
+            df = pd.read_json(path, dtype=False)
+        elif kind == "csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        else:
+            df = pd.read_parquet(path)
+    except ValueError as e:
+        raise VopdError(f"{path}: cannot read as {kind}: {str(e).splitlines()[0]}") from None
+    return df.to_dict(orient="records")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Line by line, so one malformed line becomes one recorded bad sample instead of a failed run."""
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                row = {"id": f"line{n}", ROW_ERROR: f"line {n} is not a valid JSON object: {e}"}
+            rows.append(row)
+    return rows
+
+
+@register("local")
+def local_spec(arg: str | None) -> BenchmarkSpec:
+    if not arg:
+        raise VopdError("local benchmark needs a path: local:PATH")
+    path = Path(arg).expanduser()
+
+    def rows(ctx: LoadContext) -> Iterator[Mapping[str, Any]]:
+        for row in read_table(path):
+            img = row.get("image")
+            if isinstance(img, str) and img and not Path(img).is_absolute():
+                row = {**row, "image": str(path.parent / img)}
+            yield row
+
+    return BenchmarkSpec(name=f"local:{path.stem}", source=str(path), load_rows=rows)
