@@ -7,13 +7,12 @@ import binascii
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
 from vopd_bench.errors import SampleError
 
-ImageSource = Union[str, Path, bytes, Image.Image, dict, Callable[[], Image.Image]]
+ImageSource = str | Path | bytes | Image.Image | dict | Callable[[], Image.Image]
 
 # Huge benchmark images (remote sensing, 8K) are legitimate: lift PIL's decompression-bomb guard to 300 MP.
 Image.MAX_IMAGE_PIXELS = 300_000_000

@@ -1,0 +1,93 @@
+"""The `hf` backend: transformers `AutoModelForImageTextToText` + `AutoProcessor`, batched generation."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.modeling import encode, load_model, resolve_model_path, vision_token_ids
+
+# Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
+_FULL_HASH_LIMIT = 256 * 2**20
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
+                 trust_remote_code: bool = False, batch_size: int = 16):
+        self.model_name = model
+        self.model, self.processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.preferred_batch_size = batch_size
+        self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(resolve_model_path(self.model_name), self.model)
+        return self._fingerprint
+
+    def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        if not requests:
+            return []
+        try:
+            return self._generate_batch(requests, gen)
+        except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            if len(requests) == 1:
+                return [Response("", error=f"{type(e).__name__}: {_first_line(e)}")]
+            return [r for req in requests for r in self.generate([req], gen)]
+
+    def _generate_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        import torch
+
+        start = time.perf_counter()
+        inputs = encode(self.processor, [r.image for r in requests], [r.prompt for r in requests],
+                        **gen.chat_template_kwargs).to(self.model.device)
+        kwargs = dict(max_new_tokens=gen.max_new_tokens, bad_words_ids=self._bad_ids or None)
+        if gen.temperature > 0:
+            torch.manual_seed(gen.seed)
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        per = (time.perf_counter() - start) / len(requests)
+        return [Response(t.strip(), seconds=per) for t in texts]
+
+    def close(self) -> None:
+        self.model = None
+
+
+def model_fingerprint(path: str, model=None) -> str:
+    """Local folders: a hash of config and weights. Hub ids: the resolved commit when known."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        return f"hub:{path}@{commit or 'unknown'}"
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.suffix not in (".json", ".safetensors", ".bin", ".jinja", ".model", ".txt"):
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with f.open("rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(2**20))
+                fh.seek(-(2**20), 2)
+                h.update(fh.read())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else ""
+
+
+__all__ = ["HFBackend", "model_fingerprint"]

@@ -1,0 +1,338 @@
+"""gap-report, end to end: dataset → samples → views → requests → backend → predictions → scores → analysis → reports.
+
+The runner owns the order of work and its bookkeeping (plan, resume, batching, progress); every step it calls
+is a small function elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vopd_bench import benchmarks as bench_registry
+from vopd_bench import geometry, views
+from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
+from vopd_bench.benchmarks.spec import BenchmarkSpec
+from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.images import image_ref, load_image
+from vopd_bench.records import Record, record_key
+from vopd_bench.samples import BadSample, Sample
+from vopd_bench.store import RecordStore
+from vopd_bench.views import ViewConfig
+
+DEFAULT_BENCHMARKS = ("synthetic",)
+
+
+@dataclass
+class GapReportConfig:
+    model: str
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
+    views: tuple[str, ...] = views.VIEWS
+    limit: int | None = None
+    backend: str = "hf"
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    out: str | None = None
+    seed: int = 0
+    force: bool = False
+    trust_remote_code: bool = False
+    view_config: ViewConfig = field(default_factory=ViewConfig)
+    data_dir: str | None = None
+    quiet: bool = False
+    backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. base_url for openai; never secrets
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
+
+
+@dataclass
+class GapReportResult:
+    out_dir: Path
+    summary: Any  # pandas.DataFrame: benchmark, category, metric, value, ci_low, ci_high, n
+    records: list[Record]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def model_slug(model: str) -> str:
+    """`Qwen/Qwen3.5-4B` -> `Qwen3.5-4B`; `runs/x/checkpoint` -> `checkpoint`; `toy` -> `toy`."""
+    name = model.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+@dataclass
+class _Planned:
+    """One (sample, view) to ask, with everything needed to build its record."""
+
+    key: str
+    spec: BenchmarkSpec
+    sample: Sample | BadSample
+    view: str
+    prompt: str
+
+
+def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: GapReportConfig,
+                   fingerprint: str, gen: GenerationConfig) -> list[_Planned]:
+    """Every (sample, view) of this run with its key. Samples without evidence get the full view only."""
+    planned = []
+    for s in samples:
+        if isinstance(s, BadSample):
+            wanted = cfg.views
+        else:
+            wanted = tuple(v for v in cfg.views if v == "full" or s.has_evidence)
+        for view in wanted:
+            if isinstance(s, BadSample):
+                prompt = f"<unreadable row: {s.error}>"
+            else:
+                q = views.with_hint(s.question) if view == "box" else s.question
+                prompt = spec.render_prompt(q, s.options)
+            key = record_key(model=fingerprint, generation=gen.as_dict(), benchmark=spec.name, sample_id=s.id,
+                             view=view, view_config=cfg.view_config.as_dict(), prompt=prompt)
+            planned.append(_Planned(key, spec, s, view, prompt))
+    return planned
+
+
+def _base_record(p: _Planned, fingerprint: str) -> Record:
+    s = p.sample
+    rec = Record(key=p.key, benchmark=p.spec.name, sample_id=s.id, view=p.view, category=s.category,
+                 prompt=p.prompt, model=fingerprint)
+    if isinstance(s, Sample):
+        rec.question, rec.options, rec.answer = s.question, list(s.options), s.answer
+        rec.answer_type, rec.image, rec.meta = s.answer_type, image_ref(s.image), dict(s.metadata)
+    return rec
+
+
+def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
+             fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+    """Decode the image once and render every view of this sample that is still to do."""
+    base = [(p, _base_record(p, fingerprint)) for p in todo]
+    try:
+        image = load_image(sample.image)
+        boxes, n_clamped = views.clamp_boxes(sample.boxes, image.width, image.height)
+        crop = load_image(sample.crop_image) if sample.crop_image is not None and any(p.view == "crop" for p in todo) else None
+    except SampleError as e:
+        for p, rec in base:
+            rec.error, rec.error_kind = str(e), "sample"
+            yield p, rec, None
+        return
+    area = geometry.relative_area(boxes, image.width, image.height) if boxes else None
+    for p, rec in base:
+        rec.boxes = [list(b) for b in boxes]
+        rec.boxes_clamped, rec.evidence_area, rec.image_size = n_clamped, area, [image.width, image.height]
+        if p.view in ("crop", "box") and not boxes and not (p.view == "crop" and crop is not None):
+            rec.error, rec.error_kind = f"the {p.view} view needs evidence boxes", "sample"
+            yield p, rec, None
+            continue
+        rendered = views.render(p.view, image, sample.question, boxes, cfg.view_config, provided_crop=crop)
+        yield p, rec, rendered.image
+
+
+class _Progress:
+    """A rich progress bar per benchmark × view; silent when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tasks: dict[tuple[str, str], int] = {}
+        self.bar = None
+        if not quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=False)
+            self.bar.start()
+
+    def add(self, bench: str, view: str, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.tasks[(bench, view)] = self.bar.add_task(f"{bench} · {view}", total=total, completed=done)
+
+    def advance(self, bench: str, view: str, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.tasks[(bench, view)], n)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class _Batcher:
+    """Per-view queues of rendered requests. A full queue goes to the backend as one batch; its scored records
+    are appended to the store as soon as the batch returns."""
+
+    def __init__(self, backend: Backend, gen: GenerationConfig, store: RecordStore, progress: _Progress,
+                 batch_size: int, on_batch: Callable[[int], None] | None):
+        self.backend, self.gen, self.store, self.progress = backend, gen, store, progress
+        self.batch_size, self.on_batch = batch_size, on_batch
+        self.queues: dict[str, list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
+        self.backend_seconds = 0.0
+        self.n_batches = 0
+
+    def record_now(self, p: _Planned, rec: Record) -> None:
+        """A record that needs no backend call (a per-sample error)."""
+        self.store.append([rec])
+        self.progress.advance(p.spec.name, p.view)
+
+    def add(self, p: _Planned, rec: Record, image: Image.Image) -> None:
+        self.queues[p.view].append((p, rec, image))
+        if len(self.queues[p.view]) >= self.batch_size:
+            self.flush(p.view)
+
+    def flush_all(self) -> None:
+        for view in list(self.queues):
+            self.flush(view)
+
+    def flush(self, view: str) -> None:
+        from vopd_bench import scoring
+
+        batch, self.queues[view] = self.queues[view], []
+        if not batch:
+            return
+        b0 = time.perf_counter()
+        responses = self.backend.generate([Request(p.key, img, p.prompt) for p, _, img in batch], self.gen)
+        self.backend_seconds += time.perf_counter() - b0
+        if len(responses) != len(batch):
+            raise VopdError(f"backend {self.backend.name} returned {len(responses)} answers for {len(batch)} requests")
+        for (p, rec, _), resp in zip(batch, responses, strict=True):
+            rec.seconds = resp.seconds
+            if resp.error is not None:
+                rec.error, rec.error_kind, rec.response = resp.error, "backend", resp.text or None
+            else:
+                sc = scoring.score_with(p.spec.scorer, p.sample, resp.text)
+                rec.response, rec.parsed, rec.correct, rec.parse_failed = resp.text, sc.parsed, sc.correct, sc.parse_failed
+        self.store.append([rec for _, rec, _ in batch])
+        self.n_batches += 1
+        self.progress.advance(batch[0][0].spec.name, view, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(self.n_batches)
+
+
+def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> GapReportResult:
+    """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model."""
+    t0 = time.perf_counter()
+    bad_views = [v for v in cfg.views if v not in views.VIEWS]
+    if bad_views or not cfg.views:
+        raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.VIEWS)}")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise VopdError("--batch-size and --max-new-tokens must be positive")
+    loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
+    own_backend = backend is None
+    if backend is None:
+        backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
+                              batch_size=cfg.batch_size, **cfg.backend_options)
+    fingerprint = backend.fingerprint()
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs)
+    out_dir = cfg.out_dir()
+    store = RecordStore(out_dir / "samples.jsonl")
+
+    plans = {lb.name: plan_benchmark(lb.spec, lb.samples, cfg, fingerprint, gen) for lb in loaded}
+    if cfg.force:
+        store.drop(p.key for ps in plans.values() for p in ps)
+
+    progress = _Progress(cfg.quiet)
+    batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
+    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch)
+    try:
+        for lb in loaded:
+            planned = plans[lb.name]
+            for view in cfg.views:
+                of_view = [p for p in planned if p.view == view]
+                if of_view:
+                    progress.add(lb.name, view, len(of_view), sum(store.done(p.key) for p in of_view))
+            by_sample: dict[str, list[_Planned]] = defaultdict(list)
+            for p in planned:
+                if not store.done(p.key):
+                    by_sample[p.sample.id].append(p)
+            for todo in by_sample.values():
+                sample = todo[0].sample
+                if isinstance(sample, BadSample):
+                    for p in todo:
+                        rec = _base_record(p, fingerprint)
+                        rec.error, rec.error_kind = sample.error, "sample"
+                        batcher.record_now(p, rec)
+                    continue
+                for p, rec, img in _prepare(sample, todo, cfg, fingerprint):
+                    if img is None:
+                        batcher.record_now(p, rec)
+                    else:
+                        batcher.add(p, rec, img)
+            batcher.flush_all()
+    finally:
+        progress.stop()
+        store.compact()
+        if own_backend:
+            backend.close()
+
+    records = [store.records[p.key] for ps in plans.values() for p in ps if p.key in store.records]
+    t_run = time.perf_counter() - t0
+    summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen)
+    timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
+    return GapReportResult(out_dir, summary, records, timings)
+
+
+def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,
+                  gen: GenerationConfig):
+    from vopd_bench import analysis, report
+
+    extra = {lb.name: lb.spec.metrics for lb in loaded if lb.spec.metrics is not None}
+    summary = analysis.summarize(records, extra_metrics=extra, seed=cfg.seed)
+    try:
+        from vopd_bench.benchmarks.metrics import headline_average
+    except ImportError:
+        headline_average = None
+    if headline_average is not None:
+        import pandas as pd
+
+        avg = headline_average(summary)
+        if avg:
+            summary = pd.concat([summary, pd.DataFrame(avg)], ignore_index=True)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    with (out_dir / "failures.jsonl").open("w", encoding="utf-8") as f:
+        for row in analysis.failures(records):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    info = run_info(cfg, loaded, fingerprint, gen)
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    report.write_report(out_dir, summary, records, info)
+    return summary
+
+
+def run_info(cfg: GapReportConfig, loaded: list, fingerprint: str, gen: GenerationConfig) -> dict:
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = asdict(cfg)
+    config["view_config"] = cfg.view_config.as_dict()
+    return {
+        "command": " ".join(sys.argv),
+        "config": config,
+        "seed": cfg.seed,
+        "generation": gen.as_dict(),
+        "model": cfg.model,
+        "model_fingerprint": fingerprint,
+        "benchmarks": {lb.name: {"source": lb.spec.source, "n_samples": len(lb.samples)} for lb in loaded},
+        "versions": {p: version(p) for p in ("vopd", "torch", "transformers", "datasets", "pillow", "vllm")},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
