@@ -7,7 +7,6 @@ records or benchmarks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,7 +134,3 @@ def mcnemar_exact(b: int, c: int) -> float:
     if b + c == 0:
         return 1.0
     return float(min(1.0, binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue))
-
-
-def is_missing(x: float | None) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
