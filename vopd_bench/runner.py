@@ -49,6 +49,7 @@ class GapReportConfig:
     quiet: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. base_url for openai; never secrets
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] | None = None  # {"base_url", "model", "api_key_env"}: LLM judge for undecided answers
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("reports") / model_slug(self.model)

@@ -1,0 +1,161 @@
+"""The `vopd` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vopd_bench.errors import VopdError
+
+app = typer.Typer(
+    name="vopd",
+    help="Measure and close the regional-to-global perception gap of multimodal LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command("gap-report")
+def gap_report(
+    model: str = typer.Argument(..., help="Model to evaluate: `toy` (the built-in tiny VLM), a local folder, or a hub id."),
+    benchmarks: str = typer.Option("synthetic", "--benchmarks", "-b",
+                                   help="Comma-separated benchmarks, e.g. `synthetic,vstar` or `local:data/my.jsonl`. "
+                                        "`vopd benchmarks` lists them."),
+    views: str = typer.Option("full,crop,box", help="Comma-separated views: full, crop (evidence crop), box (full "
+                                                     "image with the evidence outlined in red, plus the paper's hint)."),
+    limit: int | None = typer.Option(None, help="Ask at most this many samples per benchmark."),
+    backend: str = typer.Option("hf", help="Backend: hf (transformers), vllm (offline engine) or openai "
+                                            "(any OpenAI-compatible server)."),
+    batch_size: int = typer.Option(16, help="Requests per backend batch (hf, vllm)."),
+    max_new_tokens: int = typer.Option(32, help="Longest answer generated, in tokens."),
+    out: Path | None = typer.Option(None, help="Output folder [default: reports/<model-slug>/]."),
+    seed: int = typer.Option(0, help="Seed for sampling, bootstrap CIs and procedural benchmarks."),
+    force: bool = typer.Option(False, "--force", help="Redo samples already answered in the output folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code from the hub to run. Off unless you ask."),
+    crop_context: float = typer.Option(1.0, help="Crop side as a multiple of the evidence box (1.0 = tight, the paper's crop)."),
+    crop_min_side: int = typer.Option(28, help="Smallest crop side in source pixels."),
+    crop_zoom: float = typer.Option(2.0, help="Resize factor applied to the crop (the paper uses 2)."),
+    data_dir: Path | None = typer.Option(None, help="Local copy of a hub dataset repository (same files and layout)."),
+    base_url: str | None = typer.Option(None, help="openai backend: server URL, e.g. http://localhost:8000/v1."),
+    model_name: str | None = typer.Option(None, help="openai backend: the model name the server knows [default: MODEL]."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the API key."),
+    concurrency: int = typer.Option(64, help="openai backend: requests in flight at once."),
+    request_timeout: float = typer.Option(120.0, help="openai backend: seconds before one request is retried."),
+    tensor_parallel_size: int = typer.Option(1, help="vllm backend: GPUs per model replica."),
+    max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap."),
+    no_thinking: bool = typer.Option(False, "--no-thinking",
+                                     help="Pass enable_thinking=false to the chat template (Qwen3/3.5 non-thinking mode)."),
+    judge_base_url: str | None = typer.Option(None, help="OpenAI-compatible server of an LLM judge for answers the "
+                                                          "rules cannot decide. Without it they count as parse failures."),
+    judge_model: str | None = typer.Option(None, help="Model name of the judge."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+) -> None:
+    """Ask every benchmark question under several views and report the regional-to-global perception gap."""
+    from vopd_bench.runner import GapReportConfig, run_gap_report
+    from vopd_bench.views import ViewConfig
+
+    backend_options: dict = {}
+    if backend == "openai":
+        if not base_url:
+            raise VopdError("the openai backend needs --base-url")
+        backend_options = {"base_url": base_url, "model_name": model_name or model, "api_key_env": api_key_env,
+                           "concurrency": concurrency, "timeout": request_timeout}
+    elif backend == "vllm":
+        backend_options = {"tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len, "seed": seed}
+    judge = None
+    if judge_base_url or judge_model:
+        if not (judge_base_url and judge_model):
+            raise VopdError("a judge needs both --judge-base-url and --judge-model")
+        judge = {"base_url": judge_base_url, "model": judge_model, "api_key_env": api_key_env}
+    cfg = GapReportConfig(
+        model=model, benchmarks=_split(benchmarks), views=tuple(_split(views)), limit=limit, backend=backend,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, out=str(out) if out else None, seed=seed, force=force,
+        trust_remote_code=trust_remote_code, data_dir=str(data_dir) if data_dir else None, quiet=quiet,
+        view_config=ViewConfig(context=crop_context, min_side=crop_min_side, zoom=crop_zoom),
+        backend_options=backend_options, chat_template_kwargs={"enable_thinking": False} if no_thinking else {},
+        judge=judge,
+    )
+    result = run_gap_report(cfg)
+    if not quiet:
+        print_summary(result.summary)
+        console.print(f"Report: {result.out_dir / 'report.md'}")
+
+
+def print_summary(summary) -> None:
+    """The end-of-run table: one row per benchmark (category `all`)."""
+
+    def cell(metric_rows, metric: str, pct: bool = True, ci: bool = False) -> str:
+        r = metric_rows.get(metric)
+        if r is None:
+            return "–"
+        if not pct:
+            return f"{r['value']:.3g}"
+        s = f"{100 * r['value']:.1f}"
+        if ci and r["ci_low"] == r["ci_low"]:
+            s += f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        return s
+
+    table = Table(title="Regional-to-global perception gap (accuracy %, 95% CI)")
+    for col in ("benchmark", "n", "full", "crop", "box", "gap = crop − full", "locate = box − full",
+                "zoom = crop − box", "McNemar p"):
+        table.add_column(col, justify="left" if col == "benchmark" else "right")
+    rows = summary[summary["category"] == "all"]
+    for bench, part in rows.groupby("benchmark", sort=False):
+        m = {r["metric"]: r for r in part.to_dict("records")}
+        n = m.get("acc_full", {}).get("n", "")
+        table.add_row(str(bench), str(n), cell(m, "acc_full"), cell(m, "acc_crop"), cell(m, "acc_box"),
+                      cell(m, "gap", ci=True), cell(m, "gap_locate", ci=True), cell(m, "gap_zoom", ci=True),
+                      cell(m, "mcnemar_p", pct=False))
+    console.print(table)
+
+
+@app.command("benchmarks")
+def list_benchmarks() -> None:
+    """List the benchmarks vopd knows."""
+    from vopd_bench import benchmarks as registry
+
+    for name in registry.available():
+        try:
+            source = registry.resolve(name)[0].source
+        except VopdError as e:  # benchmarks that need an argument, such as local:PATH
+            source = str(e)
+        console.print(f"{name:<22} {source}", highlight=False)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from vopd_train.cli import app as train_app
+    except ImportError:
+        return
+    for command in train_app.registered_commands:
+        app.registered_commands.append(command)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _register_optional_commands()
+    try:
+        app()
+    except VopdError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished work is saved, rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
