@@ -1,0 +1,215 @@
+"""The divergence against hand-computed values and the properties the paper's formulas imply."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vopd_train.losses import (
+    aggregate,
+    bucket_log_probs,
+    chunked_divergence,
+    distill_divergence,
+    importance_weight,
+    sampled_token_loss,
+    token_weights,
+)
+
+
+def logits_of(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float64).log().float()
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+P_T = [0.7, 0.2, 0.1]
+P_S = [0.2, 0.5, 0.3]
+
+
+def test_hand_computed_kls_and_jsd():
+    t, s = logits_of(P_T), logits_of(P_S)
+    # KL(T‖S) = .7 ln(.7/.2) + .2 ln(.2/.5) + .1 ln(.1/.3)
+    fwd = 0.7 * math.log(3.5) + 0.2 * math.log(0.4) + 0.1 * math.log(1 / 3)
+    assert fwd == pytest.approx(0.58381, abs=1e-4)
+    assert distill_divergence(s, t, alpha=0.0, topk=None).item() == pytest.approx(fwd, rel=1e-5)
+    assert distill_divergence(s, t, alpha=1.0, topk=None).item() == pytest.approx(kl(P_S, P_T), rel=1e-5)
+    m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]  # [.45, .35, .2]
+    jsd = 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)
+    assert distill_divergence(s, t, alpha=0.5, topk=None).item() == pytest.approx(jsd, rel=1e-5)
+
+
+def test_generalised_jsd_weights_the_mixture():
+    t, s = logits_of(P_T), logits_of(P_S)
+    a = 0.2
+    m = [a * x + (1 - a) * y for x, y in zip(P_T, P_S, strict=True)]
+    want = a * kl(P_T, m) + (1 - a) * kl(P_S, m)
+    assert distill_divergence(s, t, alpha=a, topk=None).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_jsd_symmetric_bounded_and_zero_on_equal():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 50, generator=g) * 4, torch.randn(64, 50, generator=g) * 4
+    ab = distill_divergence(s, t, alpha=0.5, topk=None)
+    ba = distill_divergence(t, s, alpha=0.5, topk=None)
+    torch.testing.assert_close(ab, ba)
+    # disjoint one-hot distributions reach the bound; nothing exceeds it
+    far = torch.tensor([[30.0, -30.0]]), torch.tensor([[-30.0, 30.0]])
+    assert distill_divergence(*far, alpha=0.5, topk=None).item() == pytest.approx(math.log(2), rel=1e-4)
+    assert (ab <= math.log(2) + 1e-6).all() and (ab >= 0).all()
+    assert distill_divergence(s, s.clone(), alpha=0.5, topk=10).abs().max().item() < 1e-6
+
+
+def test_topk_with_tail_equals_full_vocabulary_when_k_covers_it():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, 30, generator=g) * 3, torch.randn(8, 5, 30, generator=g) * 3
+    for alpha in (0.0, 0.3, 0.5, 1.0):
+        full = distill_divergence(s, t, alpha=alpha, topk=None)
+        assert full.shape == (8, 5)
+        torch.testing.assert_close(distill_divergence(s, t, alpha=alpha, topk=30), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(distill_divergence(s, t, alpha=alpha, topk=500), full, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_buckets_by_hand():
+    # student top-2 = ids 1, 2 → buckets (p[1], p[2], tail); the teacher is read at the student's ids
+    s, t = logits_of([0.1, 0.5, 0.3, 0.1]), logits_of([0.6, 0.1, 0.2, 0.1])
+    log_s, log_t = bucket_log_probs(s, t, topk=2, add_tail=True)
+    torch.testing.assert_close(log_s.exp(), torch.tensor([0.5, 0.3, 0.2]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_t.exp(), torch.tensor([0.1, 0.2, 0.7]), atol=1e-6, rtol=0)
+    want = 0.5 * kl([0.1, 0.2, 0.7], [0.3, 0.25, 0.45]) + 0.5 * kl([0.5, 0.3, 0.2], [0.3, 0.25, 0.45])
+    assert distill_divergence(s, t, topk=2).item() == pytest.approx(want, rel=1e-5)
+    # without the tail both are renormalised over the two ids: S = (.625, .375), T = (1/3, 2/3)
+    log_s, log_t = bucket_log_probs(s, t, topk=2, add_tail=False)
+    torch.testing.assert_close(log_s.exp(), torch.tensor([0.625, 0.375]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_t.exp(), torch.tensor([1 / 3, 2 / 3]), atol=1e-6, rtol=0)
+    m = [(0.625 + 1 / 3) / 2, (0.375 + 2 / 3) / 2]
+    want = 0.5 * kl([1 / 3, 2 / 3], m) + 0.5 * kl([0.625, 0.375], m)
+    assert distill_divergence(s, t, topk=2, add_tail=False).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_tail_exact_when_topk_mass_approaches_one():
+    # the last two tokens hold 1e-9 and 1e-12 of the mass: 1 − Σ top-2 would cancel to 0 (or worse) in float32
+    s = torch.tensor([[20.0, 19.0, 20.0 - math.log(1e9) + math.log(1.3133), 0.0]])
+    p = torch.softmax(s.double(), -1)[0]
+    log_s, _ = bucket_log_probs(s, s.clone(), topk=2, add_tail=True)
+    assert torch.isfinite(log_s).all()
+    assert log_s[0, 2].item() == pytest.approx(math.log(p[2] + p[3]), rel=1e-5)
+    naive = torch.log1p(-torch.softmax(s, -1)[0, :2].sum())  # what 1 − Σp gives in float32
+    assert not math.isclose(naive.item(), math.log(p[2] + p[3]), rel_tol=1e-2)
+    # the teacher's tail is read outside the student's ids and stays exact too
+    t = torch.tensor([[0.0, 0.0, 5.0, 5.0]])
+    _, log_t = bucket_log_probs(s, t, topk=2, add_tail=True)
+    pt = torch.softmax(t.double(), -1)[0]
+    assert log_t[0, 2].item() == pytest.approx(math.log(pt[2] + pt[3]), abs=1e-6)
+    # a tail of exactly zero mass (k = V) gives finite losses and finite gradients
+    s2 = s.clone().requires_grad_(True)
+    loss = distill_divergence(s2, t, topk=4)
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(s2.grad).all()
+
+
+def test_only_the_student_gets_gradients():
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(4, 20, generator=g)).requires_grad_(True)
+    t = (torch.randn(4, 20, generator=g)).requires_grad_(True)
+    for kw in ({"topk": 5}, {"topk": None}, {"topk": 5, "add_tail": False}, {"alpha": 0.0}, {"alpha": 1.0}):
+        distill_divergence(s, t, **kw).sum().backward()
+        assert t.grad is None
+        assert s.grad is not None and s.grad.abs().sum() > 0
+        s.grad = None
+
+
+def test_gradient_points_the_student_toward_the_teacher():
+    s = logits_of(P_S).requires_grad_(True)
+    t = logits_of(P_T)
+    before = distill_divergence(s, t).item()
+    distill_divergence(s, t).backward()
+    with torch.no_grad():
+        s2 = s - 0.5 * s.grad
+    assert distill_divergence(s2, t).item() < before
+
+
+def test_sampled_token_gradient_is_the_log_ratio_times_score():
+    s = logits_of(P_S).requires_grad_(True)
+    t = logits_of(P_T)
+    y = 1
+    ls = torch.log_softmax(s, -1)[y]
+    lt = torch.log_softmax(t, -1)[y]
+    sampled_token_loss(ls, lt).backward()
+    ratio = math.log(0.5 / 0.2)
+    want = ratio * (torch.nn.functional.one_hot(torch.tensor(y), 3).float() - torch.tensor(P_S))
+    torch.testing.assert_close(s.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_importance_weight_clipped_at_two_and_detached():
+    new = torch.tensor([0.0, -1.0, -3.0], requires_grad=True)
+    old = torch.tensor([0.0, -2.0, -1.0])
+    w = importance_weight(new, old)
+    torch.testing.assert_close(w, torch.tensor([1.0, 2.0, math.exp(-2.0)]))
+    assert not w.requires_grad
+
+
+def test_reductions_seq_mean_then_batch_mean_and_token_mean():
+    loss = torch.tensor([[1.0, 3.0, 0.0], [6.0, 0.0, 0.0], [2.0, 2.0, 8.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    # per sequence: 2, 6, 4 → mean 4;  token mean: (1+3+6+2+2+8)/6 = 22/6
+    assert aggregate(loss, mask, "seq-mean").item() == pytest.approx(4.0)
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx(22 / 6)
+    # an empty sequence does not count in the batch mean
+    assert token_weights(torch.tensor([2, 0, 1])).tolist() == pytest.approx([0.25, 0.25, 0.5])
+    with pytest.raises(ValueError):
+        token_weights(torch.tensor([1]), "sum")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("objective,kw", [("logits", {"topk": 7}), ("logits", {"topk": None}),
+                                          ("logits", {"topk": 7, "add_tail": False, "alpha": 0.0}),
+                                          ("sampled-token", {})])
+def test_chunked_equals_unchunked(objective, kw):
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 23, 8, 40
+    head = torch.nn.Linear(h, v, bias=False)
+    t_head = torch.nn.Linear(h, v, bias=False)
+    hs = torch.randn(n, h, generator=g, requires_grad=True)
+    ht = torch.randn(n, h, generator=g)
+    ids = torch.randint(0, v, (n,), generator=g)
+
+    ref_logits = head(hs)
+    t_logits = t_head(ht)
+    if objective == "logits":
+        ref = distill_divergence(ref_logits, t_logits, **kw)
+    else:
+        ls = torch.log_softmax(ref_logits, -1).gather(-1, ids[:, None])[:, 0]
+        ref = sampled_token_loss(ls, torch.log_softmax(t_logits, -1).gather(-1, ids[:, None])[:, 0])
+    (ref * torch.arange(n)).sum().backward()
+    ref_gh, ref_gw = hs.grad.clone(), head.weight.grad.clone()
+    hs.grad, head.weight.grad = None, None
+
+    out = chunked_divergence(hs, ht, head, t_head, ids, objective=objective, chunk_size=5, **kw)
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    (out.loss * torch.arange(n)).sum().backward()
+    torch.testing.assert_close(hs.grad, ref_gh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, ref_gw, rtol=1e-4, atol=1e-6)
+    assert t_head.weight.grad is None
+    # statistics against a direct computation
+    agree = ref_logits.argmax(-1) == t_logits.argmax(-1)
+    assert torch.equal(out.agree, agree)
+    p = torch.softmax(ref_logits.detach(), -1)
+    torch.testing.assert_close(out.entropy, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_trust_region_teacher_moves_toward_student():
+    g = torch.Generator().manual_seed(4)
+    head, t_head = torch.nn.Linear(4, 9, bias=False), torch.nn.Linear(4, 9, bias=False)
+    hs, ht = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    ids = torch.zeros(6, dtype=torch.long)
+    full = chunked_divergence(hs, ht, head, t_head, ids, topk=None, trust_region_rate=0.0).loss
+    with torch.no_grad():
+        mixed = torch.lerp(t_head(ht), head(hs), 0.25)
+        want = distill_divergence(head(hs), mixed, topk=None)
+    got = chunked_divergence(hs, ht, head, t_head, ids, topk=None, trust_region_rate=0.25).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got <= full + 1e-7).all()
+    assert chunked_divergence(hs, ht, head, t_head, ids, topk=None, trust_region_rate=1.0).loss.abs().max() < 1e-6
