@@ -14,6 +14,7 @@ def parse_box(raw: object, fmt: str = "xyxy") -> Box:
     """Validate one raw box and convert it to xyxy. Raises SampleError with the reason."""
     if fmt not in ("xyxy", "xywh"):
         raise SampleError(f"unknown box format {fmt!r} (expected xyxy or xywh)")
+    raw = _as_list(raw)
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
         raise SampleError(f"box {raw!r} must have 4 numbers")
     try:
@@ -33,6 +34,7 @@ def parse_box(raw: object, fmt: str = "xyxy") -> Box:
 
 def parse_boxes(raw: object, fmt: str = "xyxy") -> tuple[Box, ...]:
     """Accept None, one box, or a list of boxes."""
+    raw = _as_list(raw)
     if raw is None:
         return ()
     if isinstance(raw, (list, tuple)) and len(raw) == 0:
@@ -42,6 +44,11 @@ def parse_boxes(raw: object, fmt: str = "xyxy") -> tuple[Box, ...]:
     if isinstance(raw, (list, tuple)):
         return tuple(parse_box(b, fmt) for b in raw)
     raise SampleError(f"bbox {raw!r} is neither a box nor a list of boxes")
+
+
+def _as_list(raw: object) -> object:
+    """Parquet hands list columns over as numpy arrays (a list of boxes as an array of arrays)."""
+    return raw.tolist() if hasattr(raw, "tolist") else raw
 
 
 def clamp_box(box: Box, width: int, height: int) -> tuple[Box, bool]:
