@@ -39,7 +39,8 @@ def parse_boxes(raw: object, fmt: str = "xyxy") -> tuple[Box, ...]:
         return ()
     if isinstance(raw, (list, tuple)) and len(raw) == 0:
         return ()
-    if isinstance(raw, (list, tuple)) and all(isinstance(v, (int, float)) for v in raw):
+    # No element is itself a sequence: this is one box, possibly with a bad coordinate that parse_box will name.
+    if isinstance(raw, (list, tuple)) and not any(isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) for v in raw):
         return (parse_box(raw, fmt),)
     if isinstance(raw, (list, tuple)):
         return tuple(parse_box(b, fmt) for b in raw)
