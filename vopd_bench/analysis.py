@@ -9,8 +9,9 @@ Metrics, per benchmark and per category (`<view>` is each view that was run: ful
 - `acc_<view>`: accuracy over the view's valid (error-free) records; a parse failure counts as wrong. Wilson CI.
 - `acc_<view>_paired`: the same, over the paired samples the gaps use (below).
 - `gap` = crop − full, `gap_locate` = box − full, `gap_zoom` = crop − box: differences of accuracy on the
-  *paired* samples, i.e. those with a valid record for every view that was run, so that gap equals
-  gap_locate + gap_zoom. Percentile CI of a paired bootstrap over samples. n = paired samples.
+  *paired* samples, i.e. those with a valid record for every view that was run (and answered at least once
+  in the benchmark), so that gap equals gap_locate + gap_zoom. Percentile CI of a paired bootstrap over
+  samples. n = paired samples.
 - `mcnemar_p`: exact McNemar test of full vs crop on the paired samples.
 - `both_right`, `recoverable` (full wrong, crop right), `crop_only_failure` (full right, crop wrong),
   `both_wrong`: counts on the paired samples (value = count, n = paired samples).
@@ -96,7 +97,7 @@ def records_frame(records: Iterable[RecordLike]) -> pd.DataFrame:
     return df
 
 
-def _ordered_views(views: Iterable[str]) -> list[str]:
+def ordered_views(views: Iterable[str]) -> list[str]:
     present = set(views)
     return [v for v in CANONICAL_VIEWS if v in present] + sorted(present - set(CANONICAL_VIEWS))
 
@@ -140,13 +141,13 @@ def _est_row(bench: str, cat: str, metric: str, est: stats.Estimate) -> dict:
     return _row(bench, cat, metric, est.value, est.ci_low, est.ci_high, est.n)
 
 
-def _group_metrics(bench: str, cat: str, st: pd.DataFrame, views: list[str], n_boot: int, seed: int) -> list[dict]:
+def _group_metrics(bench: str, cat: str, st: pd.DataFrame, views: list[str], paired_views: list[str],
+                   n_boot: int, seed: int) -> list[dict]:
     rows = [_row(bench, cat, "n_samples", len(st), n=len(st))]
     for v in views:
         ok = st[f"ok_{v}"]
         rows.append(_est_row(bench, cat, f"acc_{v}", stats.proportion(st.loc[ok, f"right_{v}"].to_numpy())))
 
-    paired_views = [v for v in CANONICAL_VIEWS if v in views]
     if "full" in paired_views and len(paired_views) > 1:
         paired = st[st[[f"ok_{v}" for v in paired_views]].all(axis=1)]
         rows += _paired_metrics(bench, cat, paired, paired_views, n_boot, seed)
@@ -231,11 +232,15 @@ def summarize(records: Iterable[RecordLike], *, extra_metrics: Mapping[str, Extr
     if not df.empty:
         for bench in sorted(df["benchmark"].unique()):
             bdf = df[df["benchmark"] == bench]
-            views = _ordered_views(bdf["view"].unique())
+            views = ordered_views(bdf["view"].unique())
             st = sample_table(bdf, views)
-            rows += _group_metrics(bench, ALL, st, views, n_boot, seed)
+            # A view whose every record failed (e.g. the box view of a benchmark that ships crops but no boxes)
+            # would leave no paired sample at all; the gaps are then taken over the views that did answer.
+            paired_views = [v for v in CANONICAL_VIEWS if v in views and st[f"ok_{v}"].any()]
+            rows += _group_metrics(bench, ALL, st, views, paired_views, n_boot, seed)
             for cat in sorted(c for c in st["category"].dropna().unique()):
-                rows += _group_metrics(bench, str(cat), st[st["category"] == cat], views, n_boot, seed)
+                sub = st[st["category"] == cat]
+                rows += _group_metrics(bench, str(cat), sub, views, paired_views, n_boot, seed)
             if extra_metrics and bench in extra_metrics:
                 rows += _extra_rows(bench, extra_metrics[bench], bdf)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
