@@ -11,6 +11,8 @@ from vopd_bench.errors import SampleError
 from vopd_bench.geometry import parse_boxes
 from vopd_bench.samples import LETTERS, AnswerType, BadSample, Sample
 
+ANSWER_TYPES = ("mcq", "yesno", "short", "number")
+
 # The V* instruction (paper Appendix B), the default for lettered questions of our own benchmarks.
 MCQ_PROMPT = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
 OPEN_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -85,6 +87,8 @@ def _generic_sample(row: Mapping[str, Any], spec: BenchmarkSpec, sample_id: str)
     options = _options(_get(row, spec, "options"))
     answer = _get(row, spec, "answer")
     answer = None if answer is None else str(answer).strip()
+    if not answer:  # without a reference the sample cannot be scored: say so now, not mid-run
+        raise SampleError("missing field 'answer'")
     if options and answer is not None:
         answer = answer.strip("()").upper()
         if len(answer) != 1 or answer not in LETTERS[: len(options)]:
@@ -92,6 +96,8 @@ def _generic_sample(row: Mapping[str, Any], spec: BenchmarkSpec, sample_id: str)
     fmt = _get(row, spec, "bbox_format") or spec.box_format
     boxes = parse_boxes(_maybe_json(_get(row, spec, "bbox")), str(fmt))
     answer_type = _get(row, spec, "answer_type") or spec.answer_type or ("mcq" if options else "short")
+    if answer_type not in ANSWER_TYPES:
+        raise SampleError(f"answer_type {answer_type!r} is not one of {', '.join(ANSWER_TYPES)}")
     meta = {k: _plain(row.get(k)) for k in spec.meta_fields if k in row}
     return Sample(
         id=sample_id, image=image, question=question.strip(), options=options, answer=answer,
