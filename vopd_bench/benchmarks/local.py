@@ -44,12 +44,13 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Line by line, so one malformed line becomes one recorded bad sample instead of a failed run."""
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                # Decoded per line so one non-UTF-8 line is one bad sample; a leading BOM is tolerated.
+                row = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
             except ValueError as e:
