@@ -68,7 +68,7 @@ def local_spec(arg: str | None) -> BenchmarkSpec:
     def rows(ctx: LoadContext) -> Iterator[Mapping[str, Any]]:
         for row in read_table(path):
             img = row.get("image")
-            if isinstance(img, str) and img and not Path(img).is_absolute():
+            if isinstance(img, str) and img.strip() and not Path(img).is_absolute():
                 row = {**row, "image": str(path.parent / img)}
             yield row
 
