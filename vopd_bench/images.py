@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ImageSource = str | Path | bytes | Image.Image | dict | Callable[[], Image.Image
 
 # Huge benchmark images (remote sensing, 8K) are legitimate: lift PIL's decompression-bomb guard to 300 MP.
 Image.MAX_IMAGE_PIXELS = 300_000_000
+_BASE64 = re.compile(r"[A-Za-z0-9+/\n\r]+={0,2}")
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -51,12 +53,12 @@ def load_image(source: ImageSource) -> Image.Image:
 
 
 def _looks_like_path(s: str) -> bool:
-    """Paths are short; base64 payloads are long or carry a data-URI prefix. An existing file always wins."""
+    """An existing file always wins; then base64 payloads are told apart by their alphabet and length."""
     if s.startswith("data:"):
         return False
-    if len(s) < 1024 and Path(s).is_file():
+    if len(s) < 4096 and Path(s).is_file():
         return True
-    return len(s) < 256
+    return not (len(s) >= 16 and len(s) % 4 == 0 and _BASE64.fullmatch(s))
 
 
 def _b64decode(s: str) -> bytes:

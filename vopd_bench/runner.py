@@ -204,9 +204,14 @@ class _Batcher:
             rec.seconds = resp.seconds
             if resp.error is not None:
                 rec.error, rec.error_kind, rec.response = resp.error, "backend", resp.text or None
-            else:
+                continue
+            rec.response = resp.text
+            try:
                 sc = scoring.score_with(p.spec.scorer, p.sample, resp.text)
-                rec.response, rec.parsed, rec.correct, rec.parse_failed = resp.text, sc.parsed, sc.correct, sc.parse_failed
+            except SampleError as e:  # e.g. a reference answer that cannot be scored
+                rec.error, rec.error_kind = str(e), "sample"
+                continue
+            rec.parsed, rec.correct, rec.parse_failed = sc.parsed, sc.correct, sc.parse_failed
         self.store.append([rec for _, rec, _ in batch])
         self.n_batches += 1
         self.progress.advance(batch[0][0].spec.name, view, len(batch))
