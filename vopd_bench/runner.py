@@ -88,7 +88,8 @@ def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: 
         if isinstance(s, BadSample):
             wanted = cfg.views
         else:
-            wanted = tuple(v for v in cfg.views if v == "full" or s.has_evidence)
+            # A benchmark-provided crop (ZoomBench) gives a crop view; only boxes give a box view.
+            wanted = tuple(v for v in cfg.views if v == "full" or (v == "crop" and s.has_evidence) or s.boxes)
         for view in wanted:
             if isinstance(s, BadSample):
                 prompt = f"<unreadable row: {s.error}>"
