@@ -1,0 +1,155 @@
+"""`vopd distill MODEL --data SOURCE --out DIR [options]`.
+
+Every option comes from a `DistillConfig` field and its help text, so the dataclass, the YAML file and `--help`
+can never disagree. An option left out keeps its value from the YAML file, then the toy preset, then the default.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from vopd_train.config import TOY_PRESET, DistillConfig, resolve
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+console = Console()
+
+HELP = (
+    "Close the regional-to-global gap without labels: on-policy self-distillation from the model's own crop view.\n\n"
+    "The student (the model on the full image) samples answers; the teacher (the same model on the evidence crop, "
+    "same text) scores every token; the student minimises the per-token divergence. Writes OUT/model "
+    "(save_pretrained), train_log.jsonl, train_curves.png, a resumable OUT/state (rerun the same command to resume) "
+    "and, unless --no-remeasure, before_after.csv comparing gap-report before and after.\n\n"
+    "MODEL `toy` gets the settings tuned for it: {toy}. They are printed and recorded in OUT/config.yaml, and any "
+    "flag or --config file overrides them."
+)
+
+
+def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
+                show: Console | None = None) -> dict[str, Any]:
+    """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}."""
+    from vopd_train.remeasure import held_out_benchmarks, remeasure
+    from vopd_train.trainer import Distiller
+
+    out = show or console
+    if preset:
+        out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False)
+    display = _Display(out, cfg)
+    trainer = Distiller(cfg, engine=engine, on_step=display.update, preset=preset)
+    if trainer.step:
+        out.print(f"resuming {cfg.out} at step {trainer.step}/{trainer.total_steps}", highlight=False)
+    out.print(f"{len(trainer.data.prompts)} prompts ({len(trainer.skipped)} skipped), {trainer.total_steps} steps, "
+              f"teacher {cfg.teacher}, {'LoRA' if cfg.lora else 'full fine-tuning'}, device {trainer.device}",
+              highlight=False)
+    display.start(trainer.step, trainer.total_steps)
+    try:
+        result = trainer.train()
+    finally:
+        display.stop()
+    out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False)
+
+    measured = None
+    if cfg.remeasure:
+        benches = held_out_benchmarks(trainer.data.kind, trainer.data.benchmarks, cfg.eval_benchmarks)
+        if not benches:
+            out.print("re-measure skipped: no held-out benchmark known for this data; pass --eval-benchmarks")
+        else:
+            del trainer  # free the training copies before two more models are loaded
+            measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.eval_limit,
+                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+                                 trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet)
+            print_before_after(measured.table, out)
+            out.print(f"before/after: {measured.csv}", highlight=False)
+    return {"train": result, "remeasure": measured}
+
+
+def print_before_after(table, out: Console) -> None:
+    from rich.table import Table
+
+    t = Table(title="Before → after (accuracy %, paired 95% CI of the change)")
+    for col in ("benchmark", "metric", "before", "after", "change", "95% CI", "n"):
+        t.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+    for r in table[table["category"] == "all"].to_dict("records"):
+        t.add_row(r["benchmark"], r["metric"], f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}",
+                  f"{100 * r['delta']:+.1f}", f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]", str(r["n"]))
+    out.print(t)
+
+
+class _Display:
+    """A live rich progress bar with the step's metrics; plain lines when quiet or not on a terminal."""
+
+    def __init__(self, out: Console, cfg: DistillConfig):
+        self.out, self.cfg = out, cfg
+        self.live = not cfg.quiet and out.is_terminal
+        self.bar = None
+        self.task = None
+        self.t0 = time.perf_counter()
+
+    def start(self, done: int, total: int) -> None:
+        self.total = total
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[metrics]}"), console=self.out)
+            self.bar.start()
+            self.task = self.bar.add_task("distill", total=total, completed=done, metrics="")
+
+    def update(self, s: Any) -> None:
+        metrics = (f"div {s.divergence:.4f}  agree {s.agree:.2f}  ent {s.entropy:.2f}  len {s.resp_len:.1f}  "
+                   f"|g| {s.grad_norm:.2f}  lr {s.lr:.1e}  {s.t_step:.2f}s/step")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=s.step, metrics=metrics)
+        elif s.step % self.cfg.log_every == 0 or s.step == self.total:
+            self.out.print(f"step {s.step}/{self.total}  {metrics}", highlight=False)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _option_params() -> list[inspect.Parameter]:
+    """One typer option per config field; every default is None, meaning "not given on the command line"."""
+    hints = typing.get_type_hints(DistillConfig)
+    params = []
+    for f in DistillConfig.option_fields():
+        flag = f.name.replace("_", "-")
+        typ = hints[f.name]
+        base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
+        default = "none" if f.default in (None, "") else f.default
+        suffix = "(required)" if f.name in ("data", "out") else f"(default: {default})"
+        if base is bool:
+            opt = typer.Option(None, f"--{flag}/--no-{flag}", help=f"{f.metadata['help']} {suffix}",
+                               show_default=False)
+        else:
+            opt = typer.Option(None, f"--{flag}", help=f"{f.metadata['help']} {suffix}", show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                        annotation=typing.Optional[base]))  # noqa: UP045 - typer needs Optional
+    return params
+
+
+def distill_command(**kwargs: Any) -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    model = kwargs.pop("model")
+    config_file = kwargs.pop("config")
+    cfg, preset = resolve(model, kwargs, str(config_file) if config_file else None)
+    run_distill(cfg, preset)
+
+
+_model_param = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                                 default=typer.Argument(..., help="Starting model: `toy`, a local folder or a hub id."))
+_config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],  # noqa: UP045
+                                  default=typer.Option(None, "--config", help="YAML file of options (names as "
+                                                       "below, with - or _); flags given here override it."))
+distill_command.__signature__ = inspect.Signature([_model_param, _config_param, *_option_params()])  # type: ignore[attr-defined]
+distill_command.__annotations__ = {p.name: p.annotation for p in distill_command.__signature__.parameters.values()}  # type: ignore[attr-defined]
+_HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items()))
+distill_command.__doc__ = _HELP
+app.command("distill", help=_HELP)(distill_command)

@@ -1,0 +1,164 @@
+"""The teacher: the same architecture on the crop, scoring the student's tokens without gradient.
+
+Which weights it uses (paper Table 3, reference_code §2.3):
+- `ema`: a moving average of the student, θ̄ ← (1−r)·θ̄ + r·θ after every update (the paper's default, r=0.05);
+- `frozen`: the starting weights;
+- `current`: the live student (co-adapts with it and collapses; kept for the ablation);
+- `trust-region`: the frozen teacher's logits moved toward the student's: (1−r)·z_frozen + r·z_student.
+
+With LoRA the teacher is never a second full model: `frozen` and `trust-region` run the base with the adapter
+switched off, and `ema` swaps a moving average of the adapter weights into the adapter for its forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vopd_train.rollout import SeqBatch, lm_head, response_hidden
+
+
+class Teacher:
+    kind: str = ""
+    trust_region_rate: float | None = None
+
+    def hidden(self, batch: SeqBatch) -> Tensor:
+        with torch.no_grad(), self._weights():
+            return response_hidden(self._model(), batch)
+
+    def head(self, h: Tensor) -> Tensor:
+        with torch.no_grad(), self._weights():
+            return lm_head(self._model())(h)
+
+    def update(self) -> None:
+        """After each optimizer step."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a resumed run needs to rebuild this teacher exactly (empty when the weights are derivable)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"the {self.kind} teacher keeps no state")
+
+    def _model(self) -> Any:
+        raise NotImplementedError
+
+    def _weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class CurrentTeacher(Teacher):
+    kind = "current"
+
+    def __init__(self, student: Any):
+        self.student = student
+
+    def _model(self) -> Any:
+        return self.student
+
+
+class CopyTeacher(Teacher):
+    """Full fine-tuning: a frozen copy of the starting weights, optionally tracking the student by EMA."""
+
+    def __init__(self, student: Any, kind: str, rate: float):
+        self.kind, self.student, self.rate = kind, student, rate
+        self.model = copy.deepcopy(student).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if kind == "trust-region":
+            self.trust_region_rate = rate
+
+    def _model(self) -> Any:
+        return self.model
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.kind != "ema":
+            return
+        for t, s in zip(self.model.parameters(), self.student.parameters(), strict=True):
+            t.lerp_(s.detach().to(t.dtype), self.rate)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        if self.kind != "ema":
+            return {}
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if self.kind != "ema":
+            return super().load_state_tensors(tensors)
+        _copy_into(dict(self.model.named_parameters()), tensors, "EMA teacher")
+
+
+class AdapterOffTeacher(Teacher):
+    """LoRA: the base model with the adapter disabled (the exact starting policy)."""
+
+    def __init__(self, student: Any, kind: str, rate: float):
+        self.kind, self.student = kind, student
+        if kind == "trust-region":
+            self.trust_region_rate = rate
+
+    def _model(self) -> Any:
+        return self.student
+
+    def _weights(self) -> contextlib.AbstractContextManager:
+        return self.student.disable_adapter()
+
+
+class AdapterEMATeacher(Teacher):
+    """LoRA: the student's base with a moving average of the adapter weights swapped in for the forward."""
+
+    kind = "ema"
+
+    def __init__(self, student: Any, rate: float):
+        self.student, self.rate = student, rate
+        self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def _model(self) -> Any:
+        return self.student
+
+    @contextlib.contextmanager
+    def _weights(self) -> Iterator[None]:
+        live = {n: p.data for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.data = self.ema[n]
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.data = live[n]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.ema[n].lerp_(p.detach(), self.rate)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {n: t.contiguous() for n, t in self.ema.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        _copy_into(self.ema, tensors, "EMA adapter")
+
+
+def make_teacher(kind: str, student: Any, rate: float, lora: bool) -> Teacher:
+    """Build the teacher for a student that has just been loaded (before any update)."""
+    if kind == "current":
+        return CurrentTeacher(student)
+    if lora:
+        return AdapterEMATeacher(student, rate) if kind == "ema" else AdapterOffTeacher(student, kind, rate)
+    return CopyTeacher(student, kind, rate)
+
+
+def _copy_into(dest: dict[str, Tensor], src: dict[str, Tensor], what: str) -> None:
+    missing, extra = set(dest) - set(src), set(src) - set(dest)
+    if missing or extra:
+        raise ValueError(f"saved {what} does not match the model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+    with torch.no_grad():
+        for n, t in dest.items():
+            t.copy_(src[n])
