@@ -1,0 +1,82 @@
+"""`vopd leaderboard` and `vopd compare`: reports across runs. The main `vopd` app merges these commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    report_dirs: list[Path] = typer.Argument(..., help="gap-report output folders (each with summary.csv and "
+                                                       "run.json), one leaderboard row each."),
+    out: Path = typer.Option(Path("reports/leaderboard.csv"), "--out", "-o",
+                             help="CSV to write; leaderboard.md and leaderboard.png go next to it."),
+    with_published: bool = typer.Option(False, "--with-published",
+                                        help="Add the paper's published rows (Table 1 v1 and v2, Fig. 3 gaps), "
+                                             "labelled as published and never mixed into measured numbers."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on the terminal."),
+) -> None:
+    """One row per run: accuracy per benchmark and view, the gaps, n and CI half-widths, the paper's average."""
+    from vopd_bench.leaderboard import benchmarks_of, leaderboard
+
+    df, files = leaderboard(report_dirs, out, with_published=with_published)
+    if not quiet:
+        measured = df[df["source"] == "measured"]
+        table = Table(title="Leaderboard (measured; accuracy %, gap pp)")
+        table.add_column("model")
+        benches = [b for b in benchmarks_of(measured) if f"{b}:full" in measured]
+        for b in benches:
+            table.add_column(f"{b} full", justify="right")
+            table.add_column(f"{b} gap", justify="right")
+        for _, r in measured.iterrows():
+            cells = []
+            for b in benches:
+                full, gap = r.get(f"{b}:full"), r.get(f"{b}:gap")
+                cells += ["–" if full is None or full != full else f"{full * 100:.1f}",
+                          "–" if gap is None or gap != gap else f"{gap * 100:+.1f}"]
+            table.add_row(str(r["model"]), *cells)
+        console.print(table)
+        n_pub = int((df["source"] == "published").sum())
+        if n_pub:
+            console.print(f"+ {n_pub} published rows from the paper (see {files['md']})")
+        console.print("Wrote " + ", ".join(str(p) for p in files.values()))
+
+
+@app.command("compare")
+def compare_cmd(
+    a: Path = typer.Argument(..., help="Run A: a gap-report folder (e.g. before distillation)."),
+    b: Path = typer.Argument(..., help="Run B: a gap-report folder (e.g. after distillation)."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Output folder [default: reports/compare/<A>_vs_<B>/]."),
+    label_a: str | None = typer.Option(None, help="Name of run A in tables and plots [default: its model]."),
+    label_b: str | None = typer.Option(None, help="Name of run B [default: its model]."),
+    seed: int = typer.Option(0, help="Seed of the paired bootstrap."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on the terminal."),
+) -> None:
+    """Paired differences B − A on the samples both runs share: accuracy per view and the gaps, with 95% CIs
+    and the exact McNemar p. Writes compare.csv, compare.md and before_after.png."""
+    from vopd_bench.compare import compare_dirs
+    from vopd_bench.report import fmt_acc, fmt_gap, fmt_p
+
+    res = compare_dirs(a, b, out, label_a=label_a, label_b=label_b, n_boot=n_boot, seed=seed)
+    if not quiet:
+        table = Table(title=f"{res.label_a} → {res.label_b} (shared samples)")
+        for col in ("benchmark", "metric", "A", "B", "B − A [95% CI]", "n", "McNemar p"):
+            table.add_column(col, justify="left" if col in ("benchmark", "metric") else "right")
+        for r in res.table[res.table["category"] == "all"].itertuples(index=False):
+            fmt = fmt_acc if r.metric.startswith("acc_") else fmt_gap
+            table.add_row(r.benchmark, r.metric, fmt(r.a), fmt(r.b), fmt_gap(r.diff, r.ci_low, r.ci_high),
+                          str(int(r.n)), fmt_p(r.mcnemar_p))
+        console.print(table)
+        for name, only in (("A", res.only_a), ("B", res.only_b)):
+            if only:
+                console.print(f"only in {name}, not compared: {', '.join(only)}")
+        console.print("Wrote " + ", ".join(str(p) for p in res.files.values()))

@@ -1,0 +1,211 @@
+"""Figures that set runs side by side: the leaderboard, before/after, and training curves.
+
+Same style as `vopd_bench.plots` (its colours, labels and resolution; `Figure` + Agg, no pyplot state):
+accuracies in %, gaps in percentage points, error bars are 95% intervals. Each function returns the path it
+wrote, or None when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from vopd_bench.plots import BENCH_COLORS, COLORS, DPI, LABELS
+
+
+def _style(ax) -> None:
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
+
+
+# ---- leaderboard --------------------------------------------------------------------------------------------
+
+
+def plot_leaderboard(df: pd.DataFrame, path: str | Path,
+                     published_models: Sequence[str] = ()) -> Path | None:
+    """Full-image accuracy and gap per benchmark, one bar per leaderboard row.
+
+    Only benchmarks with a measured value are drawn. Published rows are hatched and only those whose model
+    (before the " (paper ...)" label) is in `published_models` are drawn, so the chart stays legible.
+    """
+    measured = df[df["source"] == "measured"]
+    from vopd_bench.leaderboard import benchmarks_of
+
+    benches = [b for b in benchmarks_of(measured) if f"{b}:full" in measured and measured[f"{b}:full"].notna().any()]
+    if not benches:
+        return None
+    pub = df[(df["source"] == "published")
+             & df["model"].map(lambda m: str(m).split(" (paper")[0] in set(published_models))]
+    pub = pub[[any(_finite(r.get(f"{b}:{k}")) for b in benches for k in ("full", "gap")) for _, r in pub.iterrows()]]
+    rows = pd.concat([measured, pub])
+    panels = [("full", "accuracy, full image (%)", False)]
+    if any(f"{b}:gap" in rows and rows[f"{b}:gap"].notna().any() for b in benches):
+        panels.append(("gap", "gap, crop − full (pp)", True))
+
+    fig = Figure(figsize=(max(5.0, 2.0 + 0.45 * len(benches) * (len(rows) + 1)) + 2.5, 3.4 * len(panels)),
+                 dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(rows)
+    x = np.arange(len(benches))
+    for ax, (key, ylabel, signed) in zip(axes, panels, strict=True):
+        _style(ax)
+        for i, (_, r) in enumerate(rows.iterrows()):
+            vals = np.array([r.get(f"{b}:{key}", np.nan) for b in benches], dtype=float) * 100
+            errs = np.array([r.get(f"{b}:{key}:ci", np.nan) for b in benches], dtype=float) * 100
+            have = np.isfinite(vals)
+            if not have.any():
+                continue
+            is_pub = r["source"] == "published"
+            xs = x[have] + (i - (len(rows) - 1) / 2) * width
+            bars = ax.bar(xs, vals[have], width * 0.92, yerr=np.nan_to_num(errs[have]), capsize=2,
+                          color=BENCH_COLORS[i % len(BENCH_COLORS)], alpha=0.55 if is_pub else 1.0,
+                          hatch="//" if is_pub else None, edgecolor="white" if is_pub else None,
+                          label=str(r["model"]) + ("" if is_pub else " (measured)"),
+                          error_kw={"elinewidth": 1, "alpha": 0.8})
+            ax.bar_label(bars, labels=[f"{v:+.1f}" if signed else f"{v:.1f}" for v in vals[have]], fontsize=6,
+                         padding=2)
+        ax.set_xticks(x, benches)
+        ax.set_ylabel(ylabel)
+        if signed:
+            ax.axhline(0, color="black", linewidth=0.8)
+        else:
+            ax.set_ylim(0, 105)
+    fig.suptitle("Leaderboard (error bars: 95% CI; hatched: the paper's published numbers, not measured)",
+                 fontsize=10)
+    axes[0].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+# ---- before / after -----------------------------------------------------------------------------------------
+
+_COMPARE_METRICS = ("acc_full", "acc_crop", "acc_box", "gap", "gap_locate", "gap_zoom")
+_SHORT = {"acc_full": "full", "acc_crop": "crop", "acc_box": "box", "gap": "gap", "gap_locate": "locate",
+          "gap_zoom": "zoom"}
+
+
+def plot_before_after(cmp: pd.DataFrame, path: str | Path, label_a: str = "before",
+                      label_b: str = "after") -> Path | None:
+    """Two panels from `compare_records` rows (category `all`): the values of A and B side by side, and the
+    paired difference B − A with its 95% paired-bootstrap interval (McNemar p over accuracy differences)."""
+    rows = cmp[(cmp["category"] == "all") & cmp["metric"].isin(_COMPARE_METRICS) & cmp["n"].gt(0)]
+    if rows.empty:
+        return None
+    order = {m: i for i, m in enumerate(_COMPARE_METRICS)}
+    rows = rows.assign(_o=rows["metric"].map(order)).sort_values(["benchmark", "_o"])
+    labels = [f"{_SHORT[m]}\n{b}" for b, m in zip(rows["benchmark"], rows["metric"], strict=True)]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.75 * len(rows)), 6.4), dpi=DPI, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax in (top, bottom):
+        _style(ax)
+        ax.axhline(0, color="black", linewidth=0.8)
+    w = 0.38
+    for off, col, alpha in ((-w / 2, "a", 0.5), (w / 2, "b", 1.0)):
+        colors = [COLORS.get(m.removeprefix("acc_"), "#4C72B0") for m in rows["metric"]]
+        bars = top.bar(x + off, rows[col] * 100, w * 0.95, color=colors, alpha=alpha,
+                       hatch="//" if col == "a" else None, edgecolor="white" if col == "a" else None)
+        top.bar_label(bars, labels=[f"{v * 100:.1f}" for v in rows[col]], fontsize=6, padding=2)
+    # Legend patches for the two runs (colour encodes the quantity, hatch the run).
+    top.bar([np.nan], [np.nan], color="#999999", alpha=0.5, hatch="//", edgecolor="white", label=f"A: {label_a}")
+    top.bar([np.nan], [np.nan], color="#999999", label=f"B: {label_b}")
+    for ax in (top, bottom):  # separate the benchmarks
+        for xb in np.flatnonzero(rows["benchmark"].to_numpy()[1:] != rows["benchmark"].to_numpy()[:-1]):
+            ax.axvline(xb + 0.5, color="#999999", linewidth=0.8, linestyle="--")
+    top.set_ylabel("accuracy % / gap pp")
+    top.set_title(f"Before / after: {label_a} → {label_b} (shared samples)")
+    top.legend(fontsize=8, frameon=False, loc="best")
+
+    diff = rows["diff"].to_numpy() * 100
+    lo = (rows["diff"] - rows["ci_low"]).clip(lower=0).fillna(0).to_numpy() * 100
+    hi = (rows["ci_high"] - rows["diff"]).clip(lower=0).fillna(0).to_numpy() * 100
+    colors = [COLORS.get(m.removeprefix("acc_"), "#4C72B0") for m in rows["metric"]]
+    for xi, d, l_, h_, c in zip(x, diff, lo, hi, colors, strict=True):
+        bottom.errorbar([xi], [d], yerr=[[l_], [h_]], fmt="o", color=c, capsize=4, markersize=6)
+    for xi, d, p in zip(x, diff, rows["mcnemar_p"], strict=True):
+        text = f"{d:+.1f}" + (f"\np={p:.3g}" if _finite(p) else "")
+        bottom.annotate(text, (xi, d), textcoords="offset points", xytext=(8, -4), fontsize=6)
+    bottom.set_ylabel("B − A (pp), 95% CI")
+    bottom.set_xticks(x, labels, fontsize=7)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+# ---- training curves ----------------------------------------------------------------------------------------
+
+
+def _ema(values: np.ndarray, alpha: float = 0.9) -> np.ndarray:
+    out = np.empty_like(values)
+    acc = values[0]
+    for i, v in enumerate(values):
+        acc = alpha * acc + (1 - alpha) * v
+        out[i] = acc
+    return out
+
+
+def plot_training_curves(history: Sequence[Mapping[str, object]], path: str | Path,
+                         keys: Sequence[str] | None = None, title: str = "Training",
+                         x_key: str = "step") -> Path | None:
+    """One small panel per metric against `x_key` (default `step`).
+
+    `history` is a list of per-step dicts such as `{"step": 10, "loss": 0.41, "lr": 1e-5, "gap": 0.12}`;
+    a dict may omit keys (e.g. an evaluation logged every N steps). `keys` picks and orders the panels
+    (default: every numeric key except `x_key`, in first-seen order). Dense series (≥ 20 points) get an
+    exponential moving average over the raw line; sparse ones are drawn with markers. Keys named like
+    `gap*`/`acc*` are assumed to be fractions and shown in % / pp.
+    """
+    if keys is None:
+        keys = []
+        for h in history:
+            for k, v in h.items():
+                if k != x_key and k not in keys and _finite(v) and not isinstance(v, bool):
+                    keys.append(k)
+    series = {}
+    for k in keys:
+        pts = [(float(h[x_key]), float(h[k])) for h in history if _finite(h.get(x_key)) and _finite(h.get(k))]
+        if pts:
+            series[k] = np.array(pts)
+    if not series:
+        return None
+    n = len(series)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.6 * nrows), dpi=DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    for i, (ax, (k, pts)) in enumerate(zip(axes, series.items(), strict=False)):
+        _style(ax)
+        xs, ys = pts[:, 0], pts[:, 1]
+        scale = 100.0 if k.startswith(("gap", "acc")) else 1.0
+        color = COLORS.get(k, BENCH_COLORS[i % len(BENCH_COLORS)])
+        if len(xs) >= 20:
+            ax.plot(xs, ys * scale, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(xs, _ema(ys) * scale, color=color, linewidth=1.6)
+        else:
+            ax.plot(xs, ys * scale, color=color, marker="o", markersize=3, linewidth=1.2)
+        if k.startswith("gap"):
+            ax.axhline(0, color="black", linewidth=0.8)
+        if (ys > 0).all() and ys.max() / ys.min() > 1e3:  # e.g. a loss falling by orders of magnitude
+            ax.set_yscale("log")
+        ax.set_title(LABELS.get(k, k) + (" (%)" if k.startswith("acc") else " (pp)" if k.startswith("gap") else ""),
+                     fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path
