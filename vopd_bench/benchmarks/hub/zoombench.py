@@ -1,0 +1,88 @@
+"""ZoomBench (`inclusionAI/ZoomBench`): 845 fine-grained questions, lettered or open, each with a crop of its
+evidence region.
+
+Layout: `data/test*.parquet` with `id`, the question and answer, `image` and `crop_image` (HF Image structs;
+`crop_image` may be null) and `question_type` ("mcq" for lettered questions). Two field schemas circulate: the
+released parquet names the text fields `query`/`response`, the dataset card and the ZwZ code `prompt`/`answer`;
+both are read. A `bbox` column ([x1, y1, x2, y2] in original pixels), when a copy has one, becomes the evidence box.
+
+The crop view is the shipped `crop_image` (ZwZ's `zoom-bench-crop`: same question, the crop as the image); the
+box view needs the bbox. The prompt is the query as written (Appendix B: `{question}\\n{options}`), whose
+lettered questions already end in " Select from the following choices.\\n(A) …".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from vopd_bench.benchmarks.hub.common import (
+    HubRepo,
+    ParquetImages,
+    Prompt,
+    adapted,
+    files,
+    hub_spec,
+    letter_answer,
+    no_arg,
+    open_answer_type,
+    parquet_rows,
+    present,
+    register_variants,
+    repo_root,
+    split_option_lines,
+    strip_image_token,
+)
+from vopd_bench.benchmarks.spec import BenchmarkSpec, LoadContext
+from vopd_bench.errors import SampleError, VopdError
+
+REPO = HubRepo("inclusionAI/ZoomBench", markers=("data/test*.parquet",), download=("data/test*.parquet",))
+PROMPTS = {"paper": Prompt("{question}\n{options}", open_prompt="{question}")}
+TEXT_FIELDS = (("query", "response"), ("prompt", "answer"))  # released parquet, then the card's schema
+MCQ_TYPES = {"mcq", "multiple_choice", "multiple-choice", "choice"}
+CATEGORY_FIELDS = ("category", "dimension", "question_type")
+
+
+def _text_fields(row: dict[str, Any]) -> tuple[Any, Any]:
+    for q, a in TEXT_FIELDS:
+        if present(row.get(q)):
+            return row.get(q), row.get(a)
+    raise SampleError("no question: neither 'query' nor 'prompt' is set")
+
+
+def _adapt(row: dict[str, Any]) -> dict[str, Any]:
+    query, answer = _text_fields(row)
+    query = strip_image_token(str(query))
+    if not present(answer):
+        raise SampleError("no answer: neither 'response' nor 'answer' is set")
+    qtype = str(row.get("question_type") or "").strip().lower()
+    question, options, tail = split_option_lines(query)
+    lettered = qtype in MCQ_TYPES if qtype else bool(options) and len(letter_answer(answer)) == 1
+    if lettered:
+        if not options or tail.strip():
+            # Options that are not clean "(A) …" lines to the end stay in the question, as written.
+            question, options = query, ()
+        out = {"question": question, "options": options, "answer": letter_answer(answer), "answer_type": "mcq"}
+    else:
+        out = {"question": query, "options": (), "answer": str(answer).strip(), "answer_type": open_answer_type(answer)}
+    category = next((row[f] for f in CATEGORY_FIELDS if present(row.get(f))), None)
+    return {**row, **out, "category": category, "bbox": row.get("bbox")}
+
+
+def _build(name: str, prompt: Prompt, arg: str | None) -> BenchmarkSpec:
+    no_arg(name, arg)
+
+    def rows(ctx: LoadContext) -> Iterator[dict[str, Any]]:
+        paths = files(repo_root(REPO, ctx), "data/test*.parquet")
+        for path in paths:
+            # One schema check per file, before any row: a copy of another dataset should stop the run.
+            cols = set(ParquetImages(path).columns)
+            if not any({q, a} <= cols for q, a in TEXT_FIELDS):
+                raise VopdError(f"{path} has neither the query/response nor the prompt/answer fields "
+                                f"(columns: {', '.join(sorted(cols))})")
+        yield from adapted(parquet_rows(paths, lazy=("image", "crop_image"), nullable=("crop_image",)), _adapt)
+
+    return hub_spec(name, prompt, source=REPO.source, load_rows=rows, box_format="xyxy", fields={"id": "id"})
+
+
+register_variants("zoombench", PROMPTS, _build)
