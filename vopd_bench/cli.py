@@ -150,7 +150,7 @@ def main() -> None:
     try:
         app()
     except VopdError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished work is saved, rerun the same command to resume")

@@ -25,6 +25,11 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def pick_device_dtype(device: str | None = None, dtype: str | None = None):
     import torch
 
@@ -45,17 +50,26 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = Non
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:  # the hub client logs every retry; the one-line error below says what matters
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     path = resolve_model_path(model)
     local = Path(path).expanduser()
-    if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
-        raise VopdError(f"model path {path!r} does not exist or has no config.json")
+    looks_local = path.startswith((".", "/", "~")) or path.endswith("/") or local.exists() or path.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        what = "has no config.json" if local.is_dir() else "does not exist"
+        raise VopdError(f"model path {path!r} {what}")
     device, torch_dtype = pick_device_dtype(device, dtype)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         net = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VopdError(f"cannot load model {model!r}: {first}") from None
+        where = "" if looks_local else " (not a local folder, and not found on the hub or in its cache)"
+        raise VopdError(f"cannot load model {model!r}{where}: {one_line(e)}") from None
     net.to(device).eval()
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # batched generation continues every row from its own end
