@@ -44,13 +44,22 @@ class RunSummary:
     run_info: dict = field(default_factory=dict)
 
 
+# pandas 3 reads floats back round-trip exactly by default (and deprecates the option); pandas 2 needs it.
+_EXACT_FLOATS: dict = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
+def read_csv_exact(path: str | Path, **kwargs) -> pd.DataFrame:
+    """pd.read_csv with floats read back bit-exact, as `DataFrame.to_csv` wrote them."""
+    return pd.read_csv(path, **_EXACT_FLOATS, **kwargs)
+
+
 def read_summary(path: str | Path) -> pd.DataFrame:
     """summary.csv as written by the runner, floats read back bit-exact."""
     path = Path(path)
     if not path.is_file():
         raise VopdError(f"no summary.csv in {path.parent} (is it a gap-report folder?)")
     try:
-        df = pd.read_csv(path, float_precision="round_trip", keep_default_na=False,
+        df = read_csv_exact(path, keep_default_na=False,
                          na_values={"value": ["", "nan", "NaN"], "ci_low": ["", "nan", "NaN"],
                                     "ci_high": ["", "nan", "NaN"]},
                          dtype={"benchmark": str, "category": str, "metric": str})

@@ -32,47 +32,84 @@ def _finite(x: object) -> bool:
 # ---- leaderboard --------------------------------------------------------------------------------------------
 
 
+_TABLE_HATCH = {"v2 Table 1": "//", "v1 Table 1": "\\\\", "v1 Fig. 3": ".."}
+_TABLE_PREFERENCE = ("v2 Table 1", "v1 Table 1", "v1 Fig. 3")  # v2 first: it restates v1 on shared columns
+
+
+def _split_label(label: str) -> tuple[str, str | None]:
+    """`Qwen3.5-4B (paper v1 Table 1)` -> ("Qwen3.5-4B", "v1 Table 1"); a measured model -> (label, None)."""
+    if label.endswith(")") and " (paper " in label:
+        model, _, table = label[:-1].partition(" (paper ")
+        return model, table
+    return label, None
+
+
+def _chart_published(pub: pd.DataFrame, cells: list[str], models: Sequence[str]) -> pd.DataFrame:
+    """Per chosen model, the published rows that add a value the chart shows, preferring v2 (which repeats
+    v1's values on the columns both have) so no number is drawn twice."""
+    keep = []
+    for model in models:
+        covered: set[str] = set()
+        rows = {_split_label(str(r["model"]))[1]: idx for idx, r in pub.iterrows()
+                if _split_label(str(r["model"]))[0] == model}
+        for table in _TABLE_PREFERENCE:
+            if table not in rows:
+                continue
+            r = pub.loc[rows[table]]
+            new = {c for c in cells if c in r and _finite(r[c])} - covered
+            if new:
+                keep.append(rows[table])
+                covered |= new
+    return pub.loc[keep]
+
+
 def plot_leaderboard(df: pd.DataFrame, path: str | Path,
                      published_models: Sequence[str] = ()) -> Path | None:
-    """Full-image accuracy and gap per benchmark, one bar per leaderboard row.
+    """Full-image accuracy and gap per benchmark, one bar per leaderboard row that has the value.
 
-    Only benchmarks with a measured value are drawn. Published rows are hatched and only those whose model
-    (before the " (paper ...)" label) is in `published_models` are drawn, so the chart stays legible.
+    Only benchmarks with a measured value are drawn. Published rows are drawn only for `published_models`,
+    hatched (one hatch per paper table), in one colour per model, so the chart stays legible.
     """
-    measured = df[df["source"] == "measured"]
     from vopd_bench.leaderboard import benchmarks_of
 
+    measured = df[df["source"] == "measured"]
     benches = [b for b in benchmarks_of(measured) if f"{b}:full" in measured and measured[f"{b}:full"].notna().any()]
     if not benches:
         return None
-    pub = df[(df["source"] == "published")
-             & df["model"].map(lambda m: str(m).split(" (paper")[0] in set(published_models))]
-    pub = pub[[any(_finite(r.get(f"{b}:{k}")) for b in benches for k in ("full", "gap")) for _, r in pub.iterrows()]]
-    rows = pd.concat([measured, pub])
-    panels = [("full", "accuracy, full image (%)", False)]
-    if any(f"{b}:gap" in rows and rows[f"{b}:gap"].notna().any() for b in benches):
-        panels.append(("gap", "gap, crop − full (pp)", True))
+    cells = [f"{b}:{k}" for b in benches for k in ("full", "gap")]
+    rows = pd.concat([measured, _chart_published(df[df["source"] == "published"], cells, published_models)])
+    colours: dict[str, str] = {}
+    for label in rows["model"]:
+        model = _split_label(str(label))[0]
+        colours.setdefault(model, BENCH_COLORS[len(colours) % len(BENCH_COLORS)])
+    panels = [(k, title) for k, title in (("full", "accuracy, full image (%)"), ("gap", "gap, crop − full (pp)"))
+              if any(f"{b}:{k}" in rows and rows[f"{b}:{k}"].notna().any() for b in benches)]
 
-    fig = Figure(figsize=(max(5.0, 2.0 + 0.45 * len(benches) * (len(rows) + 1)) + 2.5, 3.4 * len(panels)),
+    n_slots = max(sum(any(_finite(r.get(f"{b}:{k}")) for b in benches) for _, r in rows.iterrows()) for k, _ in panels)
+    fig = Figure(figsize=(max(6.0, 2.0 + 0.5 * len(benches) * (n_slots + 1)) + 2.6, 3.3 * len(panels)),
                  dpi=DPI, layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    width = 0.8 / len(rows)
     x = np.arange(len(benches))
-    for ax, (key, ylabel, signed) in zip(axes, panels, strict=True):
+    handles: dict[str, object] = {}
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
         _style(ax)
-        for i, (_, r) in enumerate(rows.iterrows()):
+        signed = key == "gap"
+        drawn = [r for _, r in rows.iterrows() if any(_finite(r.get(f"{b}:{key}")) for b in benches)]
+        width = 0.8 / len(drawn)
+        for i, r in enumerate(drawn):
             vals = np.array([r.get(f"{b}:{key}", np.nan) for b in benches], dtype=float) * 100
-            errs = np.array([r.get(f"{b}:{key}:ci", np.nan) for b in benches], dtype=float) * 100
             have = np.isfinite(vals)
-            if not have.any():
-                continue
-            is_pub = r["source"] == "published"
-            xs = x[have] + (i - (len(rows) - 1) / 2) * width
-            bars = ax.bar(xs, vals[have], width * 0.92, yerr=np.nan_to_num(errs[have]), capsize=2,
-                          color=BENCH_COLORS[i % len(BENCH_COLORS)], alpha=0.55 if is_pub else 1.0,
-                          hatch="//" if is_pub else None, edgecolor="white" if is_pub else None,
-                          label=str(r["model"]) + ("" if is_pub else " (measured)"),
-                          error_kw={"elinewidth": 1, "alpha": 0.8})
+            model, table = _split_label(str(r["model"]))
+            style: dict = {"color": colours[model]}
+            if table is None:  # measured: solid, with its 95% interval
+                errs = np.array([r.get(f"{b}:{key}:ci", np.nan) for b in benches], dtype=float)[have] * 100
+                style |= {"yerr": np.nan_to_num(errs), "capsize": 2, "error_kw": {"elinewidth": 1, "alpha": 0.8}}
+            else:  # published: hatched and lighter, no interval (the paper gives none)
+                style |= {"alpha": 0.6, "hatch": _TABLE_HATCH.get(table, "//"), "edgecolor": "white"}
+            label = str(r["model"]) + (" (measured)" if table is None else "")
+            xs = x[have] + (i - (len(drawn) - 1) / 2) * width
+            bars = ax.bar(xs, vals[have], width * 0.92, label=label, **style)
+            handles.setdefault(label, bars)
             ax.bar_label(bars, labels=[f"{v:+.1f}" if signed else f"{v:.1f}" for v in vals[have]], fontsize=6,
                          padding=2)
         ax.set_xticks(x, benches)
@@ -83,7 +120,7 @@ def plot_leaderboard(df: pd.DataFrame, path: str | Path,
             ax.set_ylim(0, 105)
     fig.suptitle("Leaderboard (error bars: 95% CI; hatched: the paper's published numbers, not measured)",
                  fontsize=10)
-    axes[0].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.legend(list(handles.values()), list(handles), fontsize=7, frameon=False, loc="outside right upper")
     path = Path(path)
     fig.savefig(path)
     return path
@@ -147,13 +184,10 @@ def plot_before_after(cmp: pd.DataFrame, path: str | Path, label_a: str = "befor
 # ---- training curves ----------------------------------------------------------------------------------------
 
 
-def _ema(values: np.ndarray, alpha: float = 0.9) -> np.ndarray:
-    out = np.empty_like(values)
-    acc = values[0]
-    for i, v in enumerate(values):
-        acc = alpha * acc + (1 - alpha) * v
-        out[i] = acc
-    return out
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """A centred moving average over ~5% of the points: it shows the trend without lagging behind it."""
+    window = max(3, len(values) // 20)
+    return pd.Series(values).rolling(window, center=True, min_periods=1).mean().to_numpy()
 
 
 def plot_training_curves(history: Sequence[Mapping[str, object]], path: str | Path,
@@ -163,9 +197,9 @@ def plot_training_curves(history: Sequence[Mapping[str, object]], path: str | Pa
 
     `history` is a list of per-step dicts such as `{"step": 10, "loss": 0.41, "lr": 1e-5, "gap": 0.12}`;
     a dict may omit keys (e.g. an evaluation logged every N steps). `keys` picks and orders the panels
-    (default: every numeric key except `x_key`, in first-seen order). Dense series (≥ 20 points) get an
-    exponential moving average over the raw line; sparse ones are drawn with markers. Keys named like
-    `gap*`/`acc*` are assumed to be fractions and shown in % / pp.
+    (default: every numeric key except `x_key`, in first-seen order). Dense series (≥ 20 points) get a
+    centred moving average over the faint raw line, except schedules (`lr*`), which are exact; sparse ones
+    are drawn with markers. Keys named `gap*`/`acc*` are taken as fractions and shown in pp / %.
     """
     if keys is None:
         keys = []
@@ -190,9 +224,11 @@ def plot_training_curves(history: Sequence[Mapping[str, object]], path: str | Pa
         xs, ys = pts[:, 0], pts[:, 1]
         scale = 100.0 if k.startswith(("gap", "acc")) else 1.0
         color = COLORS.get(k, BENCH_COLORS[i % len(BENCH_COLORS)])
-        if len(xs) >= 20:
+        if len(xs) >= 20 and not k.startswith("lr"):
             ax.plot(xs, ys * scale, color=color, alpha=0.3, linewidth=0.8)
-            ax.plot(xs, _ema(ys) * scale, color=color, linewidth=1.6)
+            ax.plot(xs, _smooth(ys) * scale, color=color, linewidth=1.6)
+        elif len(xs) >= 20:
+            ax.plot(xs, ys * scale, color=color, linewidth=1.4)
         else:
             ax.plot(xs, ys * scale, color=color, marker="o", markersize=3, linewidth=1.2)
         if k.startswith("gap"):
@@ -200,7 +236,7 @@ def plot_training_curves(history: Sequence[Mapping[str, object]], path: str | Pa
         if (ys > 0).all() and ys.max() / ys.min() > 1e3:  # e.g. a loss falling by orders of magnitude
             ax.set_yscale("log")
         ax.set_title(LABELS.get(k, k) + (" (%)" if k.startswith("acc") else " (pp)" if k.startswith("gap") else ""),
-                     fontsize=9)
+                     fontsize=9, pad=12)  # room for a scientific-notation offset such as 1e-5
         ax.set_xlabel(x_key, fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes[n:]:
