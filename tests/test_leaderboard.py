@@ -4,6 +4,8 @@ apart from every measured number."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -144,6 +146,17 @@ def test_headline_average_needs_all_six_members_and_ignores_published(tmp_path):
     assert row["avg_v2:crop"] == 1.0
     assert pd.isna(row["avg_v1:full"])  # no mme-realworld-lite in this run
     assert row["zoombench:full"] == 0.4
+
+    # A headline row stored in the summary (the runner writes one, benchmark `average`) is copied as is; a
+    # member that ran only as a prompt variant (`name@variant`) still counts for the computed views.
+    variant = [replace(r, benchmark="hrbench-4k@lmms") if r.benchmark == "hrbench-4k" else r for r in records]
+    summary = analysis.summarize(variant)
+    stored = {"benchmark": "average", "category": "all", "metric": "acc_full", "value": 0.123, "ci_low": math.nan,
+              "ci_high": math.nan, "n": 60}
+    pd.concat([summary, pd.DataFrame([stored])]).to_csv(run_dir / "summary.csv", index=False)
+    row = build_leaderboard([load_run(run_dir)]).iloc[0]
+    assert row["avg_v2:full"] == 0.123 and row["avg_v2:crop"] == 1.0
+    assert "average:full" not in row.index  # an aggregate is not a benchmark column
 
     # Dropping one member drops the average; the paper's rows for that benchmark do not fill it in.
     part = [r for r in records if r.benchmark != "hrbench-8k"]

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,10 @@ def _opt(x: Any) -> Any:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def _field(record: Any, name: str) -> Any:
+    return record.get(name) if isinstance(record, Mapping) else getattr(record, name, None)
+
+
 def gallery_cases(records: Sequence[Any], max_gallery: int = 60) -> tuple[list[GalleryCase], dict[str, int]]:
     """The recoverable cases to show (at most `max_gallery`) and the total per benchmark.
 
@@ -96,15 +100,15 @@ def gallery_cases(records: Sequence[Any], max_gallery: int = 60) -> tuple[list[G
                 picked.append(queues[b].pop(0))
     picked.sort(key=lambda f: (f["benchmark"], order(f)))
 
-    df = analysis.records_frame(records)
     wanted = {(f["benchmark"], str(f["sample_id"])) for f in picked}
-    keys = list(zip(df["benchmark"], df["sample_id"], strict=True))
-    sub = df[[k in wanted for k in keys]]
+    # Only the shown samples' records are framed: a 20k-sample run costs one pass of `failures`, not two.
+    shown = [r for r in records if (_field(r, "benchmark"), str(_field(r, "sample_id"))) in wanted]
+    sub = analysis.records_frame(shown)
     by_sample: dict[tuple[str, str], list[ViewAnswer]] = {}
     for r in sub.itertuples(index=False):
         by_sample.setdefault((r.benchmark, r.sample_id), []).append(ViewAnswer(
             r.view, _opt(r.response), _opt(r.parsed), bool(r.right), bool(r.parse_failed), _opt(r.error)))
-    view_order = {v: i for i, v in enumerate(analysis.ordered_views(df["view"].unique()))}
+    view_order = {v: i for i, v in enumerate(analysis.ordered_views(sub["view"].unique()))}
     cases = []
     for f in picked:
         answers = sorted(by_sample.get((f["benchmark"], str(f["sample_id"])), []), key=lambda a: view_order[a.view])

@@ -6,7 +6,8 @@ Columns (all fractions, like summary.csv):
 - `b:gap`, `b:gap_locate`, `b:gap_zoom` with their `:ci`; `b:n` (samples) and `b:n_paired` (samples behind
   the gaps);
 - `avg_v1:v` / `avg_v2:v`: the paper's headline average (unweighted mean of its six fine-grained benchmarks,
-  `vopd_bench.published.AVERAGES`), only when the run has all six.
+  `vopd_bench.published.AVERAGES`), only when the run has all six; for the full view it is the summary's own
+  `average-v1` / `average` row when the summary has one.
 
 Measured values are copied from summary.csv unchanged (the CSV round-trips floats exactly). Published rows
 (`--with-published`) come from `vopd_bench.published`, are labelled with their table, and never enter a
@@ -30,6 +31,8 @@ from vopd_bench.published import AVERAGES, PAPER_BENCHMARKS, printed, published_
 ID_COLUMNS = ["model", "source", "source_ref", "note", "run"]
 GAPS = ("gap", "gap_locate", "gap_zoom")
 MEASURED, PUBLISHED = "measured", "published"
+# The benchmark name under which summary.csv stores each headline average (vopd_bench.benchmarks.metrics).
+SUMMARY_AVERAGE = {"avg_v1": "average-v1", "avg_v2": "average"}
 # The published models worth a bar next to a measured run: the backbones and their distilled versions.
 CHART_PUBLISHED = ("Qwen3.5-4B", "Qwen3.5-9B", "Vision-OPD-4B", "Vision-OPD-9B")
 
@@ -116,12 +119,27 @@ def measured_row(run: RunSummary) -> dict:
         row[f"{b}:n"] = int(by[(b, "n_samples")].value)
         if (b, "gap") in by:
             row[f"{b}:n_paired"] = int(by[(b, "gap")].n)
+    benches = run_benchmarks(run.summary)
     for name, members in AVERAGES.items():
+        # The runner stores the full-view headline as its own summary rows; copy those rather than recompute.
+        stored = by.get((SUMMARY_AVERAGE[name], "acc_full"))
         for v in CANONICAL_VIEWS:
-            vals = [row.get(f"{m}:{v}") for m in members]
+            if v == "full" and stored is not None and math.isfinite(stored.value):
+                row[f"{name}:full"] = float(stored.value)
+                continue
+            vals = [row.get(f"{b}:{v}") if b else None for b in (_member(m, benches) for m in members)]
             if all(x is not None and math.isfinite(x) for x in vals):
                 row[f"{name}:{v}"] = sum(vals) / len(vals)
     return row
+
+
+def _member(name: str, benches: Sequence[str]) -> str | None:
+    """The run's benchmark standing for a headline member: the member itself, or its one prompt variant
+    (`hrbench-4k@...`) when only that ran (the same rule as the runner's stored average)."""
+    if name in benches:
+        return name
+    variants = [b for b in benches if b.startswith(name + "@")]
+    return variants[0] if len(variants) == 1 else None
 
 
 # Per-benchmark column suffixes, in display order.
