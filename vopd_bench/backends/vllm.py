@@ -1,0 +1,141 @@
+"""The `vllm` backend: vLLM's offline engine (`vllm.LLM`), for throughput on GPUs.
+
+Every request is one chat turn, the image first and then the question, sent through `LLM.chat` so the model's
+own chat template and multimodal processor apply, as they do in the `hf` backend and behind a vLLM server.
+Decoding is greedy by default (temperature 0). vLLM is imported only when this backend is built; install it
+with `pip install 'vopd[vllm]'`.
+
+Written against the vLLM 0.18+ offline API (`LLM(...)`, `LLM.chat(conversations, sampling_params,
+use_tqdm=..., chat_template_kwargs=...)` with `image_pil` content parts, `SamplingParams(temperature,
+max_tokens, seed)`). The tests drive it through a fake engine honouring those calls; it has not been run
+against a real vLLM in this repository's CI, which has no GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.errors import VopdError
+from vopd_bench.modeling import resolve_model_path
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str, *, tensor_parallel_size: int = 1, max_model_len: int | None = None,
+                 seed: int = 0, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
+                 trust_remote_code: bool = False, batch_size: int = 16, engine: Any = None,
+                 mm_processor_kwargs: dict[str, Any] | None = None, enforce_eager: bool = False, **_: Any):
+        if tensor_parallel_size < 1:
+            raise VopdError("--tensor-parallel-size must be at least 1")
+        if max_model_len is not None and max_model_len < 1:
+            raise VopdError("--max-model-len must be positive")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise VopdError("gpu_memory_utilization must be in (0, 1]")
+        self.model_name = model
+        self.path = resolve_model_path(model)
+        self.dtype = dtype
+        # vLLM schedules its own batches: hand it plenty at once, the runner waits for each batch to finish.
+        self.preferred_batch_size = max(batch_size, 256)
+        self.engine_args: dict[str, Any] = {
+            "model": self.path,
+            "tensor_parallel_size": tensor_parallel_size,
+            "dtype": dtype,
+            "seed": seed,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "trust_remote_code": trust_remote_code,
+            "limit_mm_per_prompt": {"image": 1},  # one image per prompt: no memory reserved for more
+            "enforce_eager": enforce_eager,
+        }
+        if max_model_len is not None:
+            self.engine_args["max_model_len"] = max_model_len
+        if mm_processor_kwargs:
+            self.engine_args["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+        self.llm = engine if engine is not None else _start_engine(self.engine_args)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """The weights (as the `hf` backend hashes them) plus vLLM and the dtype: vLLM's kernels and a different
+        dtype change answers, so its records never mix with those of another backend."""
+        if self._fingerprint is None:
+            from vopd_bench.backends.hf import model_fingerprint
+
+            if Path(self.path).expanduser().is_dir():
+                weights = model_fingerprint(self.path)
+            else:
+                snapshot = _hub_snapshot(self.path)  # the hub cache names a snapshot folder by its commit
+                weights = f"hub:{self.path}@{Path(snapshot).name if snapshot else 'unknown'}"
+            self._fingerprint = f"vllm:{weights}:{self.dtype}"
+        return self._fingerprint
+
+    def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        if not requests:
+            return []
+        try:
+            return self._generate(requests, gen)
+        except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. longer than max_model_len) fails the call
+            if len(requests) == 1:
+                return [Response("", error=f"{type(e).__name__}: {_first_line(e)}")]
+            return [r for req in requests for r in self.generate([req], gen)]
+
+    def _generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        import time
+
+        start = time.perf_counter()
+        outputs = self.llm.chat([conversation(r) for r in requests], sampling_params=sampling_params(gen),
+                                use_tqdm=False, chat_template_kwargs=dict(gen.chat_template_kwargs) or None)
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
+        per = (time.perf_counter() - start) / len(requests)
+        return [Response(out.outputs[0].text.strip(), seconds=per) for out in outputs]
+
+    def close(self) -> None:
+        # Dropping the engine shuts down its worker processes and frees the GPU memory for what runs next.
+        self.llm = None
+        gc.collect()
+
+
+def conversation(request: Request) -> list[dict[str, Any]]:
+    """One user turn: the image (as a PIL image, no re-encoding) before the question."""
+    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": request.image},
+                                         {"type": "text", "text": request.prompt}]}]
+
+
+def sampling_params(gen: GenerationConfig) -> Any:
+    """Greedy at temperature 0; otherwise plain sampling (no top-p/top-k), seeded per request."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=gen.temperature, max_tokens=gen.max_new_tokens, seed=gen.seed)
+
+
+def _start_engine(engine_args: dict[str, Any]) -> Any:
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise VopdError("the vllm backend needs vLLM: pip install 'vopd[vllm]' (Linux with a CUDA GPU)") from None
+    try:
+        return LLM(**engine_args)
+    except Exception as e:  # noqa: BLE001 - any start-up failure is a run-level error with one readable line
+        raise VopdError(f"vLLM could not load {engine_args['model']!r}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The hub cache's local snapshot folder of `repo_id`, without downloading anything."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached or not a repo id: the fingerprint says "unknown"
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else ""
+
+
+__all__ = ["VLLMBackend", "conversation", "sampling_params"]
