@@ -24,24 +24,28 @@ def leaderboard_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on the terminal."),
 ) -> None:
     """One row per run: accuracy per benchmark and view, the gaps, n and CI half-widths, the paper's average."""
+    import pandas as pd
+
     from vopd_bench.leaderboard import benchmarks_of, leaderboard
 
     df, files = leaderboard(report_dirs, out, with_published=with_published)
     if not quiet:
         measured = df[df["source"] == "measured"]
-        table = Table(title="Leaderboard (measured; accuracy %, gap pp)")
-        table.add_column("model")
-        benches = [b for b in benchmarks_of(measured) if f"{b}:full" in measured]
-        for b in benches:
-            table.add_column(f"{b} full", justify="right")
-            table.add_column(f"{b} gap", justify="right")
+        table = Table(title="Leaderboard, measured (accuracy %, gap pp)")
+        for col in ("model", "benchmark", "full", "crop", "box", "gap", "n"):
+            table.add_column(col, justify="left" if col in ("model", "benchmark") else "right")
+
+        def cell(v: object, signed: bool = False) -> str:
+            if v is None or v != v:
+                return "–"
+            return f"{v * 100:+.1f}" if signed else f"{v * 100:.1f}"
+
         for _, r in measured.iterrows():
-            cells = []
-            for b in benches:
-                full, gap = r.get(f"{b}:full"), r.get(f"{b}:gap")
-                cells += ["–" if full is None or full != full else f"{full * 100:.1f}",
-                          "–" if gap is None or gap != gap else f"{gap * 100:+.1f}"]
-            table.add_row(str(r["model"]), *cells)
+            for bench in benchmarks_of(measured):
+                if pd.isna(r.get(f"{bench}:n")):
+                    continue
+                table.add_row(str(r["model"]), bench, *(cell(r.get(f"{bench}:{v}")) for v in ("full", "crop", "box")),
+                              cell(r.get(f"{bench}:gap"), signed=True), str(int(r[f"{bench}:n"])))
         console.print(table)
         n_pub = int((df["source"] == "published").sum())
         if n_pub:
