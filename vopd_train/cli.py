@@ -21,6 +21,11 @@ from vopd_train.config import TOY_PRESET, DistillConfig, resolve
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 console = Console()
 
+
+@app.callback()
+def _group() -> None:
+    """vopd_train commands (registered into the main `vopd` app as `vopd distill`)."""
+
 HELP = (
     "Close the regional-to-global gap without labels: on-policy self-distillation from the model's own crop view.\n\n"
     "The student (the model on the full image) samples answers; the teacher (the same model on the evidence crop, "

@@ -1,0 +1,121 @@
+"""Rollouts and the sequences both models score, on a tiny real Qwen2-VL (toy-world pitfalls 3, 5, 7, 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vopd_bench.modeling import load_model, vision_token_ids
+from vopd_train.rollout import (
+    HFRolloutEngine,
+    SamplingSettings,
+    build_sequences,
+    encode_prompts,
+    lm_head,
+    response_hidden,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, processor = tiny
+    # different image sizes give different token counts, so the prompts have different lengths
+    images = [Image.new("RGB", (224, 224), (200, 30, 30)), Image.new("RGB", (120, 60), (30, 200, 30))]
+    return encode_prompts(processor, images, ["What colour is it?", "What shape is the red object? (A) circle"])
+
+
+def test_encoded_prompts_are_unpadded_and_own_their_pixels(tiny, prompts):
+    _, processor = tiny
+    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
+    pad = processor.tokenizer.pad_token_id
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for p in prompts:
+        assert p.input_ids[0].item() != pad
+        n_image_tokens = int((p.input_ids == image_id).sum())
+        assert n_image_tokens == int(p.image_grid_thw.prod()) // 4  # merge 2×2
+        assert p.pixel_values.shape[0] == int(p.image_grid_thw.prod())
+        assert torch.equal(p.mm_token_type_ids.bool(), p.input_ids == image_id)
+
+
+def test_build_sequences_layout(prompts):
+    responses = [[5, 6, 7], [8], [9, 10]]
+    owner = [0, 0, 1]
+    b = build_sequences(prompts, responses, owner, pad_id=0)
+    n0, n1 = len(prompts[0].input_ids), len(prompts[1].input_ids)
+    assert b.input_ids.shape == (3, max(n0 + 3, n1 + 2))
+    assert b.input_ids[0, n0:n0 + 3].tolist() == [5, 6, 7]
+    assert b.attention_mask.sum(1).tolist() == [n0 + 3, n0 + 1, n1 + 2]
+    # mm_token_type_ids: the prompt's, then zeros over the response (pitfall 3)
+    assert torch.equal(b.mm_token_type_ids[2, :n1], prompts[1].mm_token_type_ids)
+    for k, n in enumerate((n0, n0, n1)):
+        assert b.mm_token_type_ids[k, n:].sum() == 0
+    assert b.mm_token_type_ids[0, :n0].sum() > 0
+    # position k predicts response token k: the one right before it
+    assert b.rows.tolist() == [0, 0, 0, 1, 2, 2]
+    assert b.pos.tolist() == [n0 - 1, n0, n0 + 1, n0 - 1, n1 - 1, n1]
+    assert b.targets.tolist() == [5, 6, 7, 8, 9, 10]
+    assert b.lengths.tolist() == [3, 1, 2]
+    assert len(b.prompt_pixels) == 2 and b.seq_prompt == [0, 0, 1]
+
+
+def test_batched_scoring_equals_one_unpadded_forward_per_sequence(tiny, prompts):
+    """Right padding, mixed image sizes, vision features shared across rollouts, and rope positions recomputed
+    after a generate() call (pitfall 5) all leave the logits of every response token unchanged."""
+    model, processor = tiny
+    engine = HFRolloutEngine(model, processor)
+    torch.manual_seed(0)
+    rolls = engine.generate(prompts, SamplingSettings(n=2, max_new_tokens=4))  # leaves rope_deltas behind
+    assert [r.prompt_index for r in rolls] == [0, 0, 1, 1]
+    batch = build_sequences(prompts, [r.token_ids for r in rolls], [r.prompt_index for r in rolls], engine.pad_id)
+    with torch.no_grad():
+        got = lm_head(model)(response_hidden(model, batch, vision_once=True))
+        got_separate = lm_head(model)(response_hidden(model, batch, vision_once=False))
+        want = []
+        for r in rolls:
+            p = prompts[r.prompt_index]
+            ids = torch.cat([p.input_ids, torch.tensor(r.token_ids)])[None]
+            mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(r.token_ids), dtype=torch.long)])[None]
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
+                        pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw, use_cache=False)
+            n = len(p.input_ids)
+            want.append(out.logits[0, n - 1:n - 1 + len(r.token_ids)])
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, got_separate, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_tokens_are_never_sampled(tiny_model_dir, prompts):
+    """Make the vision special tokens by far the likeliest: without suppression they would fill the rollout."""
+    model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    bad = vision_token_ids(processor)
+    head = lm_head(model)
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie so that only the output side moves
+    with torch.no_grad():
+        head.weight[bad] = 0.0
+        head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+        head.bias[bad] = 50.0
+    engine = HFRolloutEngine(model, processor)
+    torch.manual_seed(0)
+    rolls = engine.generate(prompts, SamplingSettings(n=3, max_new_tokens=8))
+    tokens = [t for r in rolls for t in r.token_ids]
+    assert len(tokens) > 0 and not set(tokens) & set(bad)
+    with torch.no_grad():  # the bias really does make them the most likely tokens
+        b = build_sequences(prompts, [r.token_ids for r in rolls], [r.prompt_index for r in rolls], engine.pad_id)
+        top = head(response_hidden(model, b)).argmax(-1)
+    assert set(top.tolist()) <= set(bad)
+
+
+def test_responses_are_cut_after_their_first_eos(tiny):
+    model, processor = tiny
+    engine = HFRolloutEngine(model, processor)
+    eos = next(iter(engine.eos_ids))
+    pad = engine.pad_id
+    assert engine._trim([4, 5, eos, pad, pad]) == [4, 5, eos]
+    assert engine._trim([eos, 7, 8]) == [eos]
+    assert engine._trim([4, 5, 6]) == [4, 5, 6]  # hit max_new_tokens: kept whole, no EOS
