@@ -135,18 +135,25 @@ def list_benchmarks() -> None:
         console.print(f"{name:<22} {source}", highlight=False)
 
 
-def _register_optional_commands() -> None:
+def _register_commands() -> None:
+    """Commands defined next to what they drive: reports here, the trainer in vopd_train."""
+    from vopd_bench.cli_reports import app as reports_app
+
+    apps = [reports_app]
     try:
         from vopd_train.cli import app as train_app
-    except ImportError:
-        return
-    for command in train_app.registered_commands:
-        app.registered_commands.append(command)
+
+        apps.append(train_app)
+    except ImportError:  # vopd_bench used on its own
+        pass
+    known = {c.name for c in app.registered_commands}
+    for sub in apps:
+        app.registered_commands.extend(c for c in sub.registered_commands if c.name not in known)
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _register_optional_commands()
+    _register_commands()
     try:
         app()
     except VopdError as e:

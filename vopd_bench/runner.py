@@ -286,7 +286,7 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
 
 def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,
                   gen: GenerationConfig):
-    from vopd_bench import analysis, report
+    from vopd_bench import analysis, html_report, report
 
     extra = {lb.name: lb.spec.metrics for lb in loaded if lb.spec.metrics is not None}
     summary = analysis.summarize(records, extra_metrics=extra, seed=cfg.seed)
@@ -307,6 +307,8 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
     info = run_info(cfg, loaded, fingerprint, gen)
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     report.write_report(out_dir, summary, records, info)
+    index = {(lb.name, s.id): s for lb in loaded for s in lb.samples if isinstance(s, Sample)}
+    html_report.write_html_report(out_dir, summary, records, info, sample_lookup=lambda b, i: index.get((b, i)))
     return summary
 
 
