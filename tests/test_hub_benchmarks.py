@@ -14,11 +14,12 @@ import pytest
 from vopd_bench.analysis import records_frame
 from vopd_bench.backends.base import Response
 from vopd_bench.benchmarks import available, load, resolve
-from vopd_bench.benchmarks.hub.common import split_option_lines
+from vopd_bench.benchmarks.hub.common import adapted, parquet_rows, split_option_lines
 from vopd_bench.benchmarks.hub.mmstar import split_inline_options
 from vopd_bench.benchmarks.hub.mmvp import mmvp_scorer
 from vopd_bench.benchmarks.hub.treebench import parse_instances
 from vopd_bench.benchmarks.metrics import headline_average, pope_scores, weighted_accuracy
+from vopd_bench.benchmarks.spec import ROW_ERROR
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.images import load_image
 from vopd_bench.records import Record
@@ -221,6 +222,36 @@ def test_pope_ids_answers_and_prompt(data):
     assert sorted(s) == ["adversarial-1", "popular-1", "random-2"]  # question ids repeat across categories
     assert s["random-2"].answer == "no" and s["random-2"].answer_type == "yesno"
     assert _prompt(lb, s["popular-1"]) == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+
+
+def test_parquet_images_are_read_a_row_group_at_a_time(tmp_path):
+    import pyarrow as pa
+
+    colours = [(i * 40, 0, 0) for i in range(5)]
+    table = pa.table({"k": list(range(5)),
+                      "image": [fx.hf_image((8, 8), c) for c in colours],
+                      "crop_image": [fx.hf_image((4, 4), c) if i != 3 else None for i, c in enumerate(colours)]})
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)  # groups [0, 1] [2, 3] [4]
+    rows = list(parquet_rows([tmp_path / "x.parquet"], lazy=("image", "crop_image"), nullable=("crop_image",)))
+    assert [r["k"] for r in rows] == [0, 1, 2, 3, 4] and rows[3]["crop_image"] is None
+    reader = rows[0]["image"]._file
+    reads = []
+    original = reader.file.read_row_group
+    reader.file.read_row_group = lambda g, columns: reads.append((g, tuple(columns))) or original(g, columns=columns)
+    for r in rows:  # as the runner does: each sample's image, then its crop
+        assert load_image(r["image"]).getpixel((0, 0)) == colours[r["k"]]
+        if r["crop_image"] is not None:
+            assert load_image(r["crop_image"]).size == (4, 4)
+    assert len(reads) == 6  # each group's image column and crop column, once
+    assert load_image(rows[0]["image"]).getpixel((0, 0)) == colours[0]  # going back still works
+
+
+def test_unexpected_values_become_bad_rows():
+    def adapt(row):
+        return {**row, "image": row["images"][0]}
+
+    out = list(adapted([{"id": 1, "images": {"a": 1}}, {"id": 2}], adapt))
+    assert [ROW_ERROR in r for r in out] == [True, True] and "KeyError" in out[0][ROW_ERROR]
 
 
 def test_split_option_lines():

@@ -140,7 +140,11 @@ def files(root: Path, pattern: str) -> list[Path]:
 
 
 def adapted(rows: Iterable[Mapping[str, Any]], adapt: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[dict]:
-    """Apply a benchmark's row adapter; a row it cannot read becomes a recorded bad row with the reason."""
+    """Apply a benchmark's row adapter; a row it cannot read becomes a recorded bad row with the reason.
+
+    Besides the adapters' own SampleErrors, a value of an unexpected type or shape (a list where text was
+    expected, …) is also bad data, not a reason to stop a long run.
+    """
     for raw in rows:
         row = dict(raw)
         if ROW_ERROR in row:
@@ -150,6 +154,8 @@ def adapted(rows: Iterable[Mapping[str, Any]], adapt: Callable[[dict[str, Any]],
             yield adapt(row)
         except SampleError as e:
             yield {**row, ROW_ERROR: str(e)}
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            yield {**row, ROW_ERROR: f"unreadable row ({type(e).__name__}: {e})"}
 
 
 def require_columns(path: Path, have: Iterable[str], need: Iterable[str]) -> None:
@@ -176,7 +182,7 @@ class LazyCell:
 
 class ParquetImages:
     """Random access to the image cells of one parquet file, a row group at a time. Samples are rendered in
-    file order, so keeping the last row group's column reads each group once."""
+    file order, so keeping the last row group read of each image column reads each group once."""
 
     def __init__(self, path: Path) -> None:
         import pyarrow.parquet as pq
@@ -186,7 +192,7 @@ class ParquetImages:
             self.file = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
             raise VopdError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        self._cached: tuple[tuple[int, str], Any] | None = None
+        self._cached: dict[str, tuple[int, Any]] = {}  # column -> (row group, its cells)
         self._lock = threading.Lock()
 
     @property
@@ -195,9 +201,9 @@ class ParquetImages:
 
     def cell(self, group: int, row: int, column: str) -> Any:
         with self._lock:
-            if self._cached is None or self._cached[0] != (group, column):
-                self._cached = ((group, column), self.file.read_row_group(group, columns=[column]).column(0))
-            return self._cached[1][row].as_py()
+            if column not in self._cached or self._cached[column][0] != group:
+                self._cached[column] = (group, self.file.read_row_group(group, columns=[column]).column(0))
+            return self._cached[column][1][row].as_py()
 
     def rows(self, lazy: Sequence[str], nullable: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """Every row with the `lazy` columns as LazyCells. A `nullable` lazy column is read once per group to

@@ -68,7 +68,7 @@ def _adapt(row: dict[str, Any]) -> dict[str, Any]:
     images = row.get("images")
     if isinstance(images, str):
         images = [images]
-    if not images or not isinstance(images[0], str):
+    if not isinstance(images, list) or not images or not isinstance(images[0], str):
         raise SampleError("missing field 'images'")
     if not present(row.get("problem")):
         raise SampleError("missing field 'problem'")
