@@ -176,6 +176,7 @@ def test_per_sample_errors_are_recorded_and_the_run_goes_on(tmp_path):
         {"id": "nan-box", "image": "ok.png", "question": "Colour?", "options": ["red", "blue"], "answer": "A",
          "bbox": [1, "nan", 5, 5]},
         {"id": "no-box", "image": "ok.png", "question": "Colour?", "options": ["red", "blue"], "answer": "A"},
+        {"id": "unlabelled", "image": "ok.png", "question": "Colour?", "options": ["red", "blue"]},
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
@@ -193,6 +194,7 @@ def test_per_sample_errors_are_recorded_and_the_run_goes_on(tmp_path):
     assert "NaN" in by[("nan-box", "full")].error or "nan" in by[("nan-box", "full")].error.lower()
     assert by[("no-box", "full")].correct and ("no-box", "crop") not in by
     assert any(sid.startswith("line") for sid, _ in by)
+    assert "no reference answer" in by[("unlabelled", "full")].error
     assert all(r.error_kind == "sample" for r in result.records if r.error)
     s = result.summary.set_index(["category", "metric"])
     assert s.loc[("all", "n_no_evidence"), "value"] == 1

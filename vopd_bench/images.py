@@ -56,8 +56,11 @@ def _looks_like_path(s: str) -> bool:
     """An existing file always wins; then base64 payloads are told apart by their alphabet and length."""
     if s.startswith("data:"):
         return False
-    if len(s) < 4096 and Path(s).is_file():
-        return True
+    try:
+        if len(s) < 4096 and Path(s).is_file():
+            return True
+    except OSError:  # e.g. a name too long for the file system: not a path
+        return False
     return not (len(s) >= 16 and len(s) % 4 == 0 and _BASE64.fullmatch(s))
 
 

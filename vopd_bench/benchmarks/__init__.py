@@ -73,10 +73,7 @@ def _import_builtins() -> None:
     # Each module registers its benchmarks on import.
     from vopd_bench.benchmarks import local, synthetic  # noqa: F401
 
-    try:
-        from vopd_bench.benchmarks import hub  # noqa: F401
-    except ImportError:
-        pass
+    from vopd_bench.benchmarks import hub  # noqa: F401
 
 
 __all__ = ["BenchmarkSpec", "LoadContext", "LoadedBenchmark", "available", "load", "register", "resolve"]

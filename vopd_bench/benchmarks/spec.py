@@ -68,7 +68,7 @@ def row_to_sample(row: Mapping[str, Any], spec: BenchmarkSpec, index: int) -> Sa
     fid = _get(row, spec, "id")
     sample_id = str(fid) if fid is not None else str(index)
     if ROW_ERROR in row:
-        return BadSample(sample_id, str(row[ROW_ERROR]))
+        return BadSample(sample_id, str(row[ROW_ERROR]), _str_or_none(_get(row, spec, "category")))
     try:
         if spec.to_sample is not None:
             return spec.to_sample(row, spec, index)
@@ -87,8 +87,7 @@ def _generic_sample(row: Mapping[str, Any], spec: BenchmarkSpec, sample_id: str)
     options = _options(_get(row, spec, "options"))
     answer = _get(row, spec, "answer")
     answer = None if answer is None else str(answer).strip()
-    if not answer:  # without a reference the sample cannot be scored: say so now, not mid-run
-        raise SampleError("missing field 'answer'")
+    answer = answer or None  # unlabelled rows are fine for distillation; gap-report records them as unscorable
     if options and answer is not None:
         answer = answer.strip("()").upper()
         if len(answer) != 1 or answer not in LETTERS[: len(options)]:
