@@ -71,9 +71,11 @@ def _renamed(s: Sample | BadSample, new_id: str) -> Sample | BadSample:
 
 def _import_builtins() -> None:
     # Each module registers its benchmarks on import.
-    from vopd_bench.benchmarks import local, synthetic  # noqa: F401
-
-    from vopd_bench.benchmarks import hub  # noqa: F401
+    from vopd_bench.benchmarks import (  # noqa: F401
+        hub,  # noqa: F401
+        local,
+        synthetic,
+    )
 
 
 __all__ = ["BenchmarkSpec", "LoadContext", "LoadedBenchmark", "available", "load", "register", "resolve"]
