@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from PIL import Image
+
 from vopd_bench.backends.base import Backend, GenerationConfig, Request, Response
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.images import load_image
@@ -183,17 +185,20 @@ class _HTTPServer(ThreadingHTTPServer):
 
 def serve_backend(backend: Backend, host: str = "127.0.0.1", port: int = 0, faults: FaultConfig | None = None, *,
                   model_name: str | None = None, api_key: str | None = None, max_batch: int | None = None,
-                  window_s: float = 0.005, workers: int = 1) -> ServerHandle:
+                  window_s: float = 0.005, workers: int = 1, decode_images: bool = True) -> ServerHandle:
     """Serve `backend` on host:port (0 = any free port) in background threads; returns at once.
 
     `model_name` is the name clients must ask for (default: the backend's `model_name`, else "vopd"). With
-    `api_key`, requests without `Authorization: Bearer <api_key>` get a 401.
+    `api_key`, requests without `Authorization: Bearer <api_key>` get a 401. `decode_images=False` hands the
+    backend a 1x1 placeholder instead of the decoded image: for stand-in backends that never look at it, so a
+    benchmark measures the client rather than the server's image decoding.
     """
     name = model_name or getattr(backend, "model_name", None) or "vopd"
     dispatcher = Dispatcher(backend, max_batch=max_batch, window_s=window_s, workers=workers)
     stats = ServerStats()
     handler = type("Handler", (_Handler,), {"backend": backend, "dispatcher": dispatcher, "faults": faults,
                                             "model_name": name, "api_key": api_key, "stats": stats,
+                                            "decode_images": decode_images,
                                             "seen": Counter(), "lock": threading.Lock()})
     try:
         httpd = _HTTPServer((host, port), handler)
@@ -218,6 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
     model_name: str
     api_key: str | None
     stats: ServerStats
+    decode_images: bool
     seen: Counter[str]
     lock: threading.Lock
 
@@ -268,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.faults is not None and self._fault(body):
             return
         try:
-            request, gen = parse_chat_request(json.loads(body), self.model_name)
+            request, gen = parse_chat_request(json.loads(body), self.model_name, decode=self.decode_images)
         except (ValueError, SampleError) as e:
             status = 404 if isinstance(e, _UnknownModel) else 400
             return self._error(status, str(e))
@@ -311,7 +317,7 @@ class _UnknownModel(ValueError):
     pass
 
 
-def parse_chat_request(body: Any, model_name: str) -> tuple[Request, GenerationConfig]:
+def parse_chat_request(body: Any, model_name: str, decode: bool = True) -> tuple[Request, GenerationConfig]:
     """The (request, generation config) a chat-completions body asks for; ValueError/SampleError if invalid."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise ValueError("body must be a JSON object with a `messages` list")
@@ -335,7 +341,8 @@ def parse_chat_request(body: Any, model_name: str) -> tuple[Request, GenerationC
         raise ValueError("max_tokens must be a positive integer and chat_template_kwargs an object")
     gen = GenerationConfig(max_new_tokens=max_tokens, temperature=float(body.get("temperature") or 0.0),
                            seed=int(body.get("seed") or 0), chat_template_kwargs=kwargs)
-    return Request(key="", image=load_image(images[0]), prompt="".join(texts)), gen
+    image = load_image(images[0]) if decode else Image.new("RGB", (1, 1))
+    return Request(key="", image=image, prompt="".join(texts)), gen
 
 
 def completion_payload(model_name: str, text: str) -> dict[str, Any]:

@@ -174,8 +174,8 @@ class ChatClient:
         self._open: set[_Conn] = set()
         self._lock = threading.Lock()
         self._senders = ThreadPoolExecutor(concurrency, thread_name_prefix="vopd-http")
-        # JSON and image encoding is CPU work: a few threads do it ahead of the senders.
-        self._encoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vopd-encode")
+        # Image encoding is CPU work that releases the GIL: one thread per core does it ahead of the senders.
+        self._encoders = ThreadPoolExecutor(min(16, os.cpu_count() or 1), thread_name_prefix="vopd-encode")
         self._closed = False
 
     # -- public calls ---------------------------------------------------------------------------------------
