@@ -165,3 +165,16 @@ def test_short_mismatches_can_be_left_to_the_rules(tmp_path):
     records = judge.rescore(_records())
     assert {r.key: r.correct for r in records}["short-mismatch"] is False and len(server.prompts) == 3
     server.close()
+
+
+def test_a_wrong_judge_url_or_model_stops_the_run_at_once():
+    from vopd_bench.errors import VopdError
+    from vopd_bench.serve import SleepBackend, serve_backend
+
+    with serve_backend(SleepBackend(0.0), model_name="judge-a") as server:
+        url = server.url
+        Judge(url, "judge-a", **FAST).close()
+        with pytest.raises(VopdError, match="does not serve 'judge-b'; it serves judge-a"):
+            Judge(url, "judge-b", **FAST)
+    with pytest.raises(VopdError, match="cannot reach the server"):
+        Judge(url, "judge-a", **FAST)

@@ -123,7 +123,7 @@ class Judge:
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  cache_path: str | Path | None = None, concurrency: int = 16, timeout: float = 120.0,
                  max_retries: int = 4, max_tokens: int = 512, backoff_base: float = 0.5,
-                 judge_short_mismatches: bool = True):
+                 judge_short_mismatches: bool = True, check_server: bool = True):
         from vopd_bench.backends.openai import ChatClient
 
         self.model = model
@@ -131,6 +131,12 @@ class Judge:
         self.judge_short_mismatches = judge_short_mismatches
         self.client = ChatClient(base_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
                                  max_retries=max_retries, backoff_base=backoff_base)
+        if check_server:  # a wrong URL or judge name stops the run now, not after every call has failed
+            try:
+                self.client.served_model(model)
+            except BaseException:
+                self.client.close()
+                raise
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()

@@ -169,6 +169,7 @@ class ChatClient:
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
+        self._key_env = api_key_env
         self._rng = random.Random()
         self._local = threading.local()
         self._open: set[_Conn] = set()
@@ -196,6 +197,24 @@ class ChatClient:
             return status, json.loads(data)
         except ValueError:
             return status, None
+
+    def served_model(self, model_name: str) -> dict[str, Any]:
+        """The server's `/models` entry for `model_name` ({} when it lists none). Fails fast, with a VopdError,
+        on an unreachable server, a refused key or a model the server does not serve."""
+        status, data = self.get_json("/models")
+        if status in (401, 403):
+            hint = f" (is ${self._key_env} set?)" if self._key_env else ""
+            raise VopdError(f"the server at {self.base_url} refused the request with HTTP {status}{hint}")
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            return {}  # some servers do not list models; the first request will tell
+        served = [m for m in data["data"] if isinstance(m, dict) and "id" in m]
+        for m in served:
+            if m["id"] == model_name:
+                return m
+        if served:
+            names = ", ".join(str(m["id"]) for m in served[:8])
+            raise VopdError(f"the server at {self.base_url} does not serve {model_name!r}; it serves {names}")
+        return {}
 
     def complete(self, bodies: Sequence[Body]) -> list[ChatResult]:
         """POST every body to /chat/completions, `concurrency` at a time; one ChatResult per body, in order.
@@ -346,7 +365,7 @@ class OpenAIBackend:
         self.client = ChatClient(base_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
                                  max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
         try:
-            self.server_model = self._check_server(api_key_env)
+            self.server_model = self.client.served_model(self.model_name)
         except BaseException:
             self.client.close()
             raise
@@ -354,24 +373,6 @@ class OpenAIBackend:
     @property
     def base_url(self) -> str:
         return self.client.base_url
-
-    def _check_server(self, api_key_env: str | None) -> dict[str, Any]:
-        """Fail fast on an unreachable server, a rejected key or a model the server does not serve."""
-        status, data = self.client.get_json("/models")
-        if status in (401, 403):
-            hint = f" (is ${api_key_env} set?)" if api_key_env else ""
-            raise VopdError(f"the server at {self.base_url} refused the request with HTTP {status}{hint}")
-        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            return {}  # some servers do not list models; the first request will tell
-        served = [m for m in data["data"] if isinstance(m, dict) and "id" in m]
-        for m in served:
-            if m["id"] == self.model_name:
-                return m
-        if served:
-            names = ", ".join(str(m["id"]) for m in served[:8])
-            raise VopdError(f"the server at {self.base_url} does not serve {self.model_name!r}; it serves {names} "
-                            "(pick one with --model-name)")
-        return {}
 
     def fingerprint(self) -> str:
         """The server and model name, plus the weights the server says it loaded (`root`, as vLLM reports it)."""
