@@ -191,7 +191,7 @@ def test_chunked_equals_unchunked(objective, kw):
     torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=1e-6)
     (out.loss * torch.arange(n)).sum().backward()
     torch.testing.assert_close(hs.grad, ref_gh, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(head.weight.grad, ref_gw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, ref_gw, rtol=1e-4, atol=1e-5)
     assert t_head.weight.grad is None
     # statistics against a direct computation
     agree = ref_logits.argmax(-1) == t_logits.argmax(-1)

@@ -58,7 +58,7 @@ class DistillConfig:
     importance_weight: bool = _opt(False, "Weight each token by min(π_θ/π_rollout, clip), detached: for rollouts "
                                           "from another engine or reused across updates.")
     is_clip: float = _opt(2.0, "Upper clip of the importance weight.")
-    loss_chunk_size: int = _opt(512, "Response tokens per chunk of the vocabulary projection (bounds loss memory).")
+    loss_chunk_size: int = _opt(256, "Response tokens per chunk of the vocabulary projection (bounds loss memory).")
 
     # teacher
     teacher: str = _opt("ema", "Teacher weights: `ema` (moving average of the student), `frozen` (the starting "

@@ -60,9 +60,9 @@ def bucket_log_probs(student_logits: Tensor, teacher_logits: Tensor, topk: int |
     if not add_tail:
         return F.log_softmax(s_k, -1), F.log_softmax(t_k, -1)
     s_lse, t_lse = torch.logsumexp(s, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True)
-    outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
-    s_tail = torch.logsumexp(s.masked_fill(~outside, _MASKED), -1, keepdim=True) - s_lse
-    t_tail = torch.logsumexp(t.masked_fill(~outside, _MASKED), -1, keepdim=True) - t_lse
+    # the tail: the log-sum-exp of the logits outside the top-k (the top-k masked out), not log(1 − Σp)
+    s_tail = torch.logsumexp(s.scatter(-1, ids, _MASKED), -1, keepdim=True) - s_lse
+    t_tail = torch.logsumexp(t.scatter(-1, ids, _MASKED), -1, keepdim=True) - t_lse
     log_s = torch.cat([s_k - s_lse, s_tail], -1).clamp(min=LOG_FLOOR)
     log_t = torch.cat([t_k - t_lse, t_tail], -1).clamp(min=LOG_FLOOR)
     return log_s, log_t
@@ -176,16 +176,17 @@ def chunked_divergence(student_hidden: Tensor, teacher_hidden: Tensor, student_h
             zt = teacher_head(ht.detach()).float() / temperature
             if trust_region_rate is not None:
                 zt = torch.lerp(zt, zs.detach(), trust_region_rate)
-            lt_full = F.log_softmax(zt, -1)
-            t_tok = lt_full.gather(-1, ids[:, None])[:, 0]
-            ls_det = F.log_softmax(zs.detach(), -1)
-            entropy = -(ls_det.exp() * ls_det).sum(-1)
+            t_tok = zt.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(zt, -1)
             agree = zs.detach().argmax(-1) == zt.argmax(-1)
+            s_lse = torch.logsumexp(zs.detach(), -1)
+            p = torch.softmax(zs.detach(), -1)
+            entropy = s_lse - torch.einsum("cv,cv->c", p, zs.detach())  # H = lse(z) − Σ p·z, with no [C, V] product
+            del p
         if objective == "sampled-token":
-            s_tok = F.log_softmax(zs, -1).gather(-1, ids[:, None])[:, 0]
+            s_tok = zs.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(zs, -1)
             loss = sampled_token_loss(s_tok, t_tok)
         else:
-            s_tok = ls_det.gather(-1, ids[:, None])[:, 0]
+            s_tok = zs.detach().gather(-1, ids[:, None])[:, 0] - s_lse
             loss = distill_divergence(zs, zt, alpha=alpha, topk=topk, add_tail=add_tail)
         return loss, s_tok.detach(), t_tok, agree, entropy
 

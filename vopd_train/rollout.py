@@ -203,6 +203,17 @@ def lm_head(model: Any) -> Any:
     return hf.get_output_embeddings()
 
 
+def head_fn(model: Any):
+    """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU)."""
+    head = lm_head(model)
+
+    def apply(h: Tensor) -> Tensor:
+        with _autocast(h.device):
+            return head(h)
+
+    return apply
+
+
 def response_hidden(model: Any, batch: SeqBatch, vision_once: bool = True) -> Tensor:
     """Final hidden states `[N, H]` at the positions that predict the response tokens.
 

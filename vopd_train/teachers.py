@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd_train.rollout import SeqBatch, lm_head, response_hidden
+from vopd_train.rollout import SeqBatch, head_fn, response_hidden
 
 
 class Teacher:
@@ -33,7 +33,7 @@ class Teacher:
 
     def head(self, h: Tensor) -> Tensor:
         with torch.no_grad(), self._weights():
-            return lm_head(self._model())(h)
+            return head_fn(self._model())(h)
 
     def update(self) -> None:
         """After each optimizer step."""

@@ -40,7 +40,7 @@ from vopd_train.rollout import (
     SamplingSettings,
     build_sequences,
     encode_prompts,
-    lm_head,
+    head_fn,
     response_hidden,
 )
 from vopd_train.teachers import Teacher, make_teacher
@@ -252,7 +252,7 @@ class Distiller:
                 sb = build_sequences(student_prompts, resp, owner, self.pad_id).to(self.device)
                 sh = response_hidden(self.model, sb)
                 out = chunked_divergence(
-                    sh, th, lm_head(self.model), self.teacher.head, sb.targets, alpha=cfg.alpha,
+                    sh, th, head_fn(self.model), self.teacher.head, sb.targets, alpha=cfg.alpha,
                     topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective, temperature=cfg.temperature,
                     trust_region_rate=self.teacher.trust_region_rate, chunk_size=cfg.loss_chunk_size)
                 w = weights[a:b].to(self.device)
