@@ -78,6 +78,15 @@ def test_frozen_teacher_keeps_the_starting_weights_and_current_is_the_student(ti
     assert c.teacher._model() is c.model
 
 
+def test_reused_rollouts_are_weighted_against_the_policy_that_drew_them(tiny_model_dir, tmp_path):
+    d = Distiller(tiny_cfg(tiny_model_dir, tmp_path / "r", steps=1, updates_per_batch=2, importance_weight=True,
+                           lr=1e-2, teacher="frozen"))
+    stats = d.train_step(0)
+    assert d.scheduler.last_epoch == 2  # two optimizer updates on one batch of rollouts
+    # the first update is on-policy (weight exactly 1); the second sees the moved policy: the mean departs from 1
+    assert stats.is_weight != pytest.approx(1.0, abs=1e-6) and 0.5 < stats.is_weight < 1.5
+
+
 RUN_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch

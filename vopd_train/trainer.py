@@ -214,7 +214,8 @@ class Distiller:
         cfg = self.cfg
         _set_step_seed(step_seed(cfg.seed, step))
         t_start = time.perf_counter()
-        student_prompts, teacher_prompts = self._render(batch_indices(len(self.data.prompts), cfg.batch_size, step, cfg.seed))
+        indices = batch_indices(len(self.data.prompts), cfg.batch_size, step, cfg.seed)
+        student_prompts, teacher_prompts = self._render(indices)
 
         t = time.perf_counter()
         rollouts = [r for r in self.engine.generate(student_prompts, self.sampling) if r.token_ids]
@@ -222,59 +223,32 @@ class Distiller:
         t_rollout = time.perf_counter() - t
 
         lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.long)
-        weights = token_weights(lengths, cfg.reduction)
+        weights = token_weights(lengths, cfg.reduction).to(self.device)  # sums to 1 over the step's tokens
         offsets = [0, *torch.cumsum(lengths, 0).tolist()]
-        per_micro = max(1, cfg.micro_batch_size // cfg.n_rollouts)
-        # micro-batches of whole prompts, so each prompt's image features are computed once per forward
-        per_prompt = [list(g) for _, g in itertools.groupby(range(len(rollouts)), key=lambda k: rollouts[k].prompt_index)]
-        micro = [sum(per_prompt[i:i + per_micro], []) for i in range(0, len(per_prompt), per_micro)]
-        behaviour = None
-        if all(r.logprobs is not None for r in rollouts) and rollouts:
-            behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32)
+        behaviour = None  # log π_rollout per token, when the engine reports it
+        if rollouts and all(r.logprobs is not None for r in rollouts):
+            behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(self.device)
 
-        t_teacher = t_student = 0.0
-        sums = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0}
+        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "t_teacher": 0.0, "t_student": 0.0}
         grad_norm = float("nan")
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            first_pass_logp = []
-            for group in micro:
+            logps = []
+            for group in self._micro_batches(rollouts):
                 a, b = offsets[group[0]], offsets[group[-1] + 1]
                 resp = [rollouts[k].token_ids for k in group]
                 owner = [rollouts[k].prompt_index for k in group]
-                t = time.perf_counter()
-                tb = build_sequences(teacher_prompts, resp, owner, self.pad_id).to(self.device)
-                th = self.teacher.hidden(tb)
-                _sync(self.device)
-                t_teacher += time.perf_counter() - t
-
-                t = time.perf_counter()
-                sb = build_sequences(student_prompts, resp, owner, self.pad_id).to(self.device)
-                sh = response_hidden(self.model, sb)
-                out = chunked_divergence(
-                    sh, th, head_fn(self.model), self.teacher.head, sb.targets, alpha=cfg.alpha,
-                    topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective, temperature=cfg.temperature,
-                    trust_region_rate=self.teacher.trust_region_rate, chunk_size=cfg.loss_chunk_size)
-                w = weights[a:b].to(self.device)
-                if cfg.importance_weight:
-                    old = behaviour[a:b].to(self.device) if behaviour is not None else None
-                    if old is None and update > 0:
-                        old = self._first_logp[a:b]
-                    iw = importance_weight(out.student_logp, old, cfg.is_clip) if old is not None else torch.ones_like(w)
-                    w = w * iw
-                    sums["isw"] += float((iw * weights[a:b].to(self.device)).sum())
-                first_pass_logp.append(out.student_logp)
-                (out.loss * w).sum().backward()
-                _sync(self.device)
-                t_student += time.perf_counter() - t
+                out = self._backward_micro(teacher_prompts, student_prompts, resp, owner, weights[a:b],
+                                           behaviour[a:b] if behaviour is not None else None, acc)
+                logps.append(out.student_logp)
                 if update == 0:
-                    wd = weights[a:b].to(self.device)
                     div = out.loss if cfg.objective == "logits" else out.student_logp - out.teacher_logp
-                    sums["div"] += float((div.detach() * wd).sum())
-                    sums["ent"] += float(out.entropy.sum())
-                    sums["agree"] += float(out.agree.float().sum())
-            if update == 0:
-                self._first_logp = torch.cat(first_pass_logp) if first_pass_logp else torch.zeros(0)
+                    acc["div"] += float((div.detach() * weights[a:b]).sum())
+                    acc["ent"] += float(out.entropy.sum())
+                    acc["agree"] += float(out.agree.float().sum())
+            if behaviour is None and cfg.updates_per_batch > 1:
+                # later updates reuse these rollouts: weight them against the policy that drew them
+                behaviour = torch.cat(logps) if logps else None
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             if math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -285,14 +259,49 @@ class Distiller:
         n_tok = int(lengths.sum())
         t_step = time.perf_counter() - t_start
         return StepStats(
-            step=step + 1, divergence=sums["div"], tokens=n_tok,
+            step=step + 1, divergence=acc["div"], tokens=n_tok,
             resp_len=float(lengths.float().mean()) if len(lengths) else 0.0,
-            entropy=sums["ent"] / max(n_tok, 1), agree=sums["agree"] / max(n_tok, 1), grad_norm=grad_norm,
+            entropy=acc["ent"] / max(n_tok, 1), agree=acc["agree"] / max(n_tok, 1), grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], sequences=len(rollouts), skipped=len(self.skipped),
-            is_weight=(sums["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
-            t_rollout=t_rollout, t_teacher=t_teacher, t_student=t_student,
-            t_other=t_step - t_rollout - t_teacher - t_student, t_step=t_step,
+            is_weight=(acc["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
+            t_rollout=t_rollout, t_teacher=acc["t_teacher"], t_student=acc["t_student"],
+            t_other=t_step - t_rollout - acc["t_teacher"] - acc["t_student"], t_step=t_step,
         )
+
+    def _micro_batches(self, rollouts: list) -> list[list[int]]:
+        """Groups of sequence indices made of whole prompts, so a prompt's image is encoded once per forward."""
+        per_micro = max(1, self.cfg.micro_batch_size // self.cfg.n_rollouts)
+        per_prompt = [list(g) for _, g in itertools.groupby(range(len(rollouts)), key=lambda k: rollouts[k].prompt_index)]
+        return [sum(per_prompt[i:i + per_micro], []) for i in range(0, len(per_prompt), per_micro)]
+
+    def _backward_micro(self, teacher_prompts: list[EncodedPrompt], student_prompts: list[EncodedPrompt],
+                        responses: list[list[int]], owner: list[int], weights: torch.Tensor,
+                        behaviour: torch.Tensor | None, acc: dict) -> Any:
+        """Teacher forward (no grad), student forward, per-token divergence, backward of Σ weight·loss."""
+        cfg = self.cfg
+        t = time.perf_counter()
+        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id).to(self.device)
+        teacher_hidden = self.teacher.hidden(teacher_batch)
+        _sync(self.device)
+        acc["t_teacher"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id).to(self.device)
+        student_hidden = response_hidden(self.model, student_batch)
+        out = chunked_divergence(
+            student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
+            alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
+            temperature=cfg.temperature, trust_region_rate=self.teacher.trust_region_rate,
+            chunk_size=cfg.loss_chunk_size)
+        w = weights
+        if cfg.importance_weight:
+            iw = importance_weight(out.student_logp, behaviour, cfg.is_clip) if behaviour is not None else torch.ones_like(w)
+            acc["isw"] += float((iw * weights).sum())
+            w = w * iw
+        (out.loss * w).sum().backward()
+        _sync(self.device)
+        acc["t_student"] += time.perf_counter() - t
+        return out
 
 
 def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
