@@ -200,3 +200,51 @@ def test_per_sample_errors_are_recorded_and_the_run_goes_on(tmp_path):
     assert s.loc[("all", "n_no_evidence"), "value"] == 1
     assert s.loc[("all", "boxes_clamped"), "value"] == 1
     assert s.loc[("all", "n_sample_errors"), "value"] >= 6
+
+
+def test_judge_decides_only_what_the_rules_could_not(tmp_path):
+    """--judge-base-url: parse failures go to the judge; its verdicts land in the records; a rerun asks nothing."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            self._send({"data": [{"id": "judge-model"}]})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.append(body["messages"][0]["content"])
+            self._send({"choices": [{"message": {"role": "assistant", "content": "Yes."}}]})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    judge = {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1", "model": "judge-model"}
+    try:
+        cfg = GapReportConfig(model="echo", limit=4, out=str(tmp_path), quiet=True, judge=judge)
+        result = run_gap_report(cfg, backend=EchoBackend({"full": "hard to say", "crop": "A", "box": "A"}))
+        full = [r for r in result.records if r.view == "full"]
+        assert len(asked) == 4 and all("hard to say" in a for a in asked)
+        assert all(r.correct and not r.parse_failed and r.parsed == "judge:yes" for r in full)
+        assert all(r.meta["judge"]["verdict"] == "yes" for r in full)
+        assert all("judge" not in r.meta for r in result.records if r.view != "full")
+        assert (tmp_path / "judge_cache.jsonl").is_file()
+        cfg.force = True
+        run_gap_report(cfg, backend=EchoBackend({"full": "hard to say", "crop": "A", "box": "A"}))
+        assert len(asked) == 4  # the verdicts came from the cache
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

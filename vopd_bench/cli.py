@@ -54,6 +54,8 @@ def gap_report(
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the API key."),
     concurrency: int = typer.Option(64, help="openai backend: requests in flight at once."),
     request_timeout: float = typer.Option(120.0, help="openai backend: seconds before one request is retried."),
+    image_format: str = typer.Option("png", help="openai backend: how images are sent, png (lossless, the default) "
+                                                  "or jpeg (much cheaper to encode for large photographs)."),
     tensor_parallel_size: int = typer.Option(1, help="vllm backend: GPUs per model replica."),
     max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap."),
     no_thinking: bool = typer.Option(False, "--no-thinking",
@@ -61,6 +63,7 @@ def gap_report(
     judge_base_url: str | None = typer.Option(None, help="OpenAI-compatible server of an LLM judge for answers the "
                                                           "rules cannot decide. Without it they count as parse failures."),
     judge_model: str | None = typer.Option(None, help="Model name of the judge."),
+    judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
     """Ask every benchmark question under several views and report the regional-to-global perception gap."""
@@ -72,14 +75,14 @@ def gap_report(
         if not base_url:
             raise VopdError("the openai backend needs --base-url")
         backend_options = {"base_url": base_url, "model_name": model_name or model, "api_key_env": api_key_env,
-                           "concurrency": concurrency, "timeout": request_timeout}
+                           "concurrency": concurrency, "timeout": request_timeout, "image_format": image_format}
     elif backend == "vllm":
         backend_options = {"tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len, "seed": seed}
     judge = None
     if judge_base_url or judge_model:
         if not (judge_base_url and judge_model):
             raise VopdError("a judge needs both --judge-base-url and --judge-model")
-        judge = {"base_url": judge_base_url, "model": judge_model, "api_key_env": api_key_env}
+        judge = {"base_url": judge_base_url, "model": judge_model, "api_key_env": judge_api_key_env}
     cfg = GapReportConfig(
         model=model, benchmarks=_split(benchmarks), views=tuple(_split(views)), limit=limit, backend=backend,
         batch_size=batch_size, max_new_tokens=max_new_tokens, out=str(out) if out else None, seed=seed, force=force,

@@ -169,8 +169,8 @@ class _Batcher:
     are appended to the store as soon as the batch returns."""
 
     def __init__(self, backend: Backend, gen: GenerationConfig, store: RecordStore, progress: _Progress,
-                 batch_size: int, on_batch: Callable[[int], None] | None):
-        self.backend, self.gen, self.store, self.progress = backend, gen, store, progress
+                 batch_size: int, on_batch: Callable[[int], None] | None, judge: Any = None):
+        self.backend, self.gen, self.store, self.progress, self.judge = backend, gen, store, progress, judge
         self.batch_size, self.on_batch = batch_size, on_batch
         self.queues: dict[str, list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
         self.backend_seconds = 0.0
@@ -213,6 +213,8 @@ class _Batcher:
                 rec.error, rec.error_kind = str(e), "sample"
                 continue
             rec.parsed, rec.correct, rec.parse_failed = sc.parsed, sc.correct, sc.parse_failed
+        if self.judge is not None:
+            self.judge.rescore([rec for _, rec, _ in batch])
         self.store.append([rec for _, rec, _ in batch])
         self.n_batches += 1
         self.progress.advance(batch[0][0].spec.name, view, len(batch))
@@ -243,9 +245,15 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     if cfg.force:
         store.drop(p.key for ps in plans.values() for p in ps)
 
+    judge = None
+    if cfg.judge:
+        from vopd_bench.judge import Judge
+
+        judge = Judge(cfg.judge["base_url"], cfg.judge["model"], api_key_env=cfg.judge.get("api_key_env", "OPENAI_API_KEY"),
+                      cache_path=out_dir / "judge_cache.jsonl")
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
-    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch)
+    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
     try:
         for lb in loaded:
             planned = plans[lb.name]
@@ -278,6 +286,12 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
             backend.close()
 
     records = [store.records[p.key] for ps in plans.values() for p in ps if p.key in store.records]
+    if judge is not None:  # judge what an earlier run left undecided, or a failed judge call
+        todo = [r for r in records if judge.needs_judge(r)]
+        judge.rescore(todo)
+        store.append(todo)
+        store.compact()
+        judge.close()
     t_run = time.perf_counter() - t0
     summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen)
     timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
