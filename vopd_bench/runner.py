@@ -29,6 +29,7 @@ from vopd_bench.store import RecordStore
 from vopd_bench.views import ViewConfig
 
 DEFAULT_BENCHMARKS = ("synthetic",)
+MAX_BATCH_PIXELS = 200_000_000  # about 600 MB of RGB held per view queue
 
 
 @dataclass
@@ -182,8 +183,10 @@ class _Batcher:
         self.progress.advance(p.spec.name, p.view)
 
     def add(self, p: _Planned, rec: Record, image: Image.Image) -> None:
-        self.queues[p.view].append((p, rec, image))
-        if len(self.queues[p.view]) >= self.batch_size:
+        queue = self.queues[p.view]
+        queue.append((p, rec, image))
+        # Cap pixels as well as requests: 256 decoded 8K images would need tens of GB.
+        if len(queue) >= self.batch_size or sum(i.width * i.height for _, _, i in queue) >= MAX_BATCH_PIXELS:
             self.flush(p.view)
 
     def flush_all(self) -> None:
