@@ -248,8 +248,8 @@ def test_cli_end_to_end_with_remeasure_and_reload_in_gap_report(tiny_model_dir, 
     assert row.delta == pytest.approx(row.after - row.before)
     assert (out / "before_after.png").is_file() and (out / "train_curves.png").is_file()
     # the trained model was reloaded by gap-report: its records carry a different fingerprint than the start's
-    after = [json.loads(line) for line in (out / "remeasure" / "after" / "samples.jsonl").read_text().splitlines()]
-    before = [json.loads(line) for line in (out / "remeasure" / "before" / "samples.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in (out / "after" / "samples.jsonl").read_text().splitlines()]
+    before = [json.loads(line) for line in (out / "before" / "samples.jsonl").read_text().splitlines()]
     assert after and all(r["error"] is None for r in after)
     assert {r["model"] for r in after}.isdisjoint({r["model"] for r in before})
     saved = (out / "config.yaml").read_text()

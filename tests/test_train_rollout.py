@@ -119,3 +119,18 @@ def test_responses_are_cut_after_their_first_eos(tiny):
     assert engine._trim([4, 5, eos, pad, pad]) == [4, 5, eos]
     assert engine._trim([eos, 7, 8]) == [eos]
     assert engine._trim([4, 5, 6]) == [4, 5, 6]  # hit max_new_tokens: kept whole, no EOS
+
+
+def test_shared_image_features_sample_the_same_rollouts(tiny, prompts, monkeypatch):
+    """n rollouts of a prompt share one pass of its image through the vision tower; the samples are those of
+    the plain path that repeats the pixels n times."""
+    model, processor = tiny
+    engine = HFRolloutEngine(model, processor)
+    settings = SamplingSettings(n=3, max_new_tokens=5)
+    torch.manual_seed(7)
+    shared = engine.generate(prompts, settings)
+    monkeypatch.setattr("vopd_train.rollout._generate_accepts_encoder_outputs", lambda m: False)
+    torch.manual_seed(7)
+    plain = engine.generate(prompts, settings)
+    assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
+    assert len({tuple(r.token_ids) for r in shared}) > 1  # and they are samples, not one repeated answer

@@ -96,7 +96,7 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
     runs = {}
     for name, model in (("before", base_model), ("after", str(trained_model))):
         cfg = GapReportConfig(model=model, benchmarks=list(benchmarks), limit=limit, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, out=str(out / "remeasure" / name),
+                              max_new_tokens=max_new_tokens, out=str(out / name),
                               trust_remote_code=trust_remote_code, quiet=quiet)
         runs[name] = run_gap_report(cfg)
     table = before_after_table(runs["before"].records, runs["after"].records)

@@ -107,14 +107,23 @@ class HFRolloutEngine:
     def generate(self, prompts: Sequence[EncodedPrompt], settings: SamplingSettings) -> list[Rollout]:
         if not prompts:
             return []
-        repeated = [p for p in prompts for _ in range(settings.n)]
-        inputs = collate_left(repeated, self.pad_id)
         device = _device_of(self.model)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        repeated = [p for p in prompts for _ in range(settings.n)]
+        inputs = {k: v.to(device) for k, v in collate_left(repeated, self.pad_id).items()}
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), _autocast(device):
+                if settings.n > 1 and _generate_accepts_encoder_outputs(self.model):
+                    # each prompt's image through the vision tower once, its features shared by its n rollouts
+                    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+                    feats = backbone(self.model).get_image_features(
+                        torch.cat([p.pixel_values for p in prompts]).to(device),
+                        torch.cat([p.image_grid_thw for p in prompts]).to(device)).pooler_output
+                    inputs.pop("pixel_values")
+                    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+                        pooler_output=[feats[i // settings.n] for i in range(len(repeated))])}
                 out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
                                           top_p=1.0, max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
@@ -246,6 +255,14 @@ def _accepts_encoder_outputs(base: Any) -> bool:
     try:
         return "mm_encoder_outputs" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
+        return False
+
+
+def _generate_accepts_encoder_outputs(model: Any) -> bool:
+    check = getattr(model, "_supports_mm_encoder_outputs", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # noqa: BLE001 - a model that cannot say is treated as one that does not
         return False
 
 
