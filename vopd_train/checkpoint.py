@@ -9,6 +9,9 @@ nothing is ever pickled.
         rng.safetensors       torch CPU (and CUDA) generator states
     OUT/model/            the result in `save_pretrained` format (safetensors + processor): gap-report and vLLM load it
     OUT/adapter/          with LoRA, the adapter itself (PEFT format; `merge_lora` merges it into a base)
+
+Beside them (written by the trainer and the re-measure): config.yaml, train_log.jsonl, train_curves.png,
+skipped.jsonl, before/ and after/ (gap-report folders), before_after.csv and before_after.png.
 """
 
 from __future__ import annotations
