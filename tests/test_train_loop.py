@@ -20,10 +20,20 @@ from vopd_train.rollout import Rollout
 from vopd_train.trainer import Distiller
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
+    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cfg(model_dir, out, **kw) -> DistillConfig:
     base = dict(model=str(model_dir), data="synthetic:train", out=str(out), data_limit=6, steps=2, batch_size=2,
                 n_rollouts=2, max_new_tokens=3, micro_batch_size=4, lr=1e-3, warmup_steps=0, topk=20, seed=0,
-                remeasure=False, quiet=True)
+                remeasure=False, quiet=True, threads=1)
     base.update(kw)
     return DistillConfig(**base)
 
@@ -92,14 +102,13 @@ RUN_SCRIPT = textwrap.dedent("""
     import torch
     from vopd_train.config import DistillConfig
     from vopd_train.trainer import Distiller
-    torch.set_num_threads(1)
     kill_at = int(sys.argv[2])
     def on_step(s):
         if s.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     cfg = DistillConfig(model=sys.argv[3], data="synthetic:train", out=sys.argv[1], data_limit=6, steps=4,
                         batch_size=2, n_rollouts=2, max_new_tokens=3, micro_batch_size=4, lr=1e-3, warmup_steps=2,
-                        topk=20, teacher="ema", save_every=2, remeasure=False, quiet=True)
+                        topk=20, teacher="ema", save_every=2, remeasure=False, quiet=True, threads=1)
     Distiller(cfg, on_step=on_step).train()
 """)
 
@@ -132,12 +141,7 @@ def test_sigkilled_and_resumed_run_ends_with_the_same_weights(tiny_model_dir, tm
     resumed = run(tmp_path / "killed", kill_at=0)  # the same command resumes
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the subprocess
-    try:
-        Distiller(resume_cfg(tiny_model_dir, tmp_path / "straight")).train()
-    finally:
-        torch.set_num_threads(threads)
+    Distiller(resume_cfg(tiny_model_dir, tmp_path / "straight")).train()  # one thread, like the subprocess
     assert_same_weights(tmp_path / "straight" / "model", tmp_path / "killed" / "model")
     # the EMA teacher was restored too, and the log holds each step once
     ta, tb = (load_file(p / "state" / "teacher.safetensors") for p in (tmp_path / "straight", tmp_path / "killed"))
@@ -235,7 +239,7 @@ def test_cli_end_to_end_with_remeasure_and_reload_in_gap_report(tiny_model_dir, 
     args = ["distill", str(tiny_model_dir), "--data", "synthetic:train", "--out", str(out), "--data-limit", "4",
             "--steps", "2", "--batch-size", "2", "--n-rollouts", "2", "--max-new-tokens", "3", "--topk", "10",
             "--lr", "1e-3", "--teacher", "trust-region", "--eval-limit", "4", "--eval-max-new-tokens", "2",
-            "--quiet"]
+            "--quiet", "--threads", "1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "before" in res.output.lower()

@@ -17,6 +17,16 @@ from vopd_train.rollout import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
+    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")

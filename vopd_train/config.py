@@ -87,6 +87,8 @@ class DistillConfig:
     device: str = _opt("auto", "Device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = _opt("float32", "Weight dtype: float32 (master weights; bf16 autocast on a GPU) or bfloat16.")
     trust_remote_code: bool = _opt(False, "Allow the model's own code from the hub to run.")
+    threads: int | None = _opt(None, "CPU threads for torch (none = torch's default, one per core). A tiny model "
+                                     "on a shared CPU is far faster on 1: its ops are too small to split.")
 
     # bookkeeping
     seed: int = _opt(0, "Seed of data order, rollout sampling and initialisation.")
@@ -124,6 +126,7 @@ class DistillConfig:
                      "loss_chunk_size", "save_every", "log_every", "lora_rank", "eval_batch_size", "eval_max_new_tokens"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1")
         need(self.steps is None or self.steps >= 1, "--steps must be ≥ 1")
+        need(self.threads is None or self.threads >= 1, "--threads must be ≥ 1")
         need(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip > 0 and self.is_clip > 0,
              "--lr, --grad-clip and --is-clip must be positive and --warmup-steps ≥ 0")
         need(self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")
@@ -140,7 +143,7 @@ class DistillConfig:
 
 # Fields that do not change the trained weights: a resumed run may change them freely.
 NOT_TRAINING = {"restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
-                "eval_batch_size", "eval_max_new_tokens", "out"}
+                "eval_batch_size", "eval_max_new_tokens", "out", "threads"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.
@@ -154,6 +157,7 @@ TOY_PRESET: dict[str, Any] = {
     "max_new_tokens": 4,
     "warmup_steps": 10,
     "topk": 0,
+    "threads": 1,
 }
 
 
@@ -208,7 +212,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
                 raise VopdError(f"option {k} must be true or false, got {v!r}")
             if isinstance(default, float) and isinstance(v, (int, str)) and not isinstance(v, bool):
                 v = float(v)
-            elif k in ("steps", "data_limit", "eval_limit") and v is not None:
+            elif k in ("steps", "data_limit", "eval_limit", "threads") and v is not None:
                 v = int(v)
         except ValueError:
             raise VopdError(f"option {k}: cannot read {v!r} as a number") from None

@@ -90,6 +90,8 @@ class Distiller:
         from vopd_bench.modeling import load_model, pick_device_dtype
 
         self.cfg = cfg.validate()
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.preset = preset or {}
