@@ -45,20 +45,20 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
 
     out = show or console
     if preset:
-        out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False)
+        out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False, soft_wrap=True)
     display = _Display(out, cfg)
     trainer = Distiller(cfg, engine=engine, on_step=display.update, preset=preset)
     if trainer.step:
-        out.print(f"resuming {cfg.out} at step {trainer.step}/{trainer.total_steps}", highlight=False)
+        out.print(f"resuming {cfg.out} at step {trainer.step}/{trainer.total_steps}", highlight=False, soft_wrap=True)
     out.print(f"{len(trainer.data.prompts)} prompts ({len(trainer.skipped)} skipped), {trainer.total_steps} steps, "
               f"teacher {cfg.teacher}, {'LoRA' if cfg.lora else 'full fine-tuning'}, device {trainer.device}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     display.start(trainer.step, trainer.total_steps)
     try:
         result = trainer.train()
     finally:
         display.stop()
-    out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False)
+    out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False, soft_wrap=True)
 
     measured = None
     if cfg.remeasure:
@@ -71,7 +71,7 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                                  trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet)
             print_before_after(measured.table, out)
-            out.print(f"before/after: {measured.csv}", highlight=False)
+            out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}
 
 
@@ -113,7 +113,7 @@ class _Display:
         if self.bar is not None:
             self.bar.update(self.task, completed=s.step, metrics=metrics)
         elif s.step % self.cfg.log_every == 0 or s.step == self.total:
-            self.out.print(f"step {s.step}/{self.total}  {metrics}", highlight=False)
+            self.out.print(f"step {s.step}/{self.total}  {metrics}", highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self.bar is not None:

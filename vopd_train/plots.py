@@ -52,7 +52,10 @@ def plot_before_after(table, path: Path) -> None:
         ax.bar(x + 0.2, after, 0.4, label="after", color="#2b6cb0", yerr=[lo, hi], capsize=3)
         for i, m in enumerate(metrics):
             d = 100 * part.loc[m, "delta"]
-            ax.annotate(f"{d:+.1f}", (x[i] + 0.2, max(after[i], 0) + 2), ha="center", fontsize=8)
+            top = max(after[i] + hi[i], before[i], 0)
+            ax.annotate(f"{d:+.1f}", (x[i], top + 3), ha="center", fontsize=8, fontweight="bold")
+        ax.set_ylim(min(0, *before, *(a - lo_ for a, lo_ in zip(after, lo, strict=True))) - 5,
+                    max(100, *before, *after) + 12)
         ax.set_xticks(x, [m.replace("acc_", "") for m in metrics])
         ax.set_ylabel("%")
         ax.set_title(f"{bench} (n={int(part['n'].max())})", fontsize=10)
