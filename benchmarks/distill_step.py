@@ -11,7 +11,7 @@
    logits are what grows with the vocabulary). The plain variant is measured at fewer tokens where it would not
    fit, and its 4,096-token figure is extrapolated linearly (its memory is linear in the token count).
 
-    .venv/bin/python benchmarks/distill_step.py [--model toy] [--steps 12] [--warmup 3] [--memory-only]
+    .venv/bin/python benchmarks/distill_step.py [--model toy] [--steps 12] [--warmup 3] [--memory-only] [--like-toy]
 """
 
 from __future__ import annotations
@@ -74,15 +74,17 @@ def memory_report(chunk: int, plain_tokens: list[int]) -> None:
     print(f"  (one float32 [{TOKENS} × {VOCAB}] tensor is {TOKENS * VOCAB * 4 / 2**20:.0f} MiB)")
 
 
-def step_report(model: str, steps: int, warmup: int) -> None:
+def step_report(model: str, steps: int, warmup: int, like_toy: bool) -> None:
     import torch
 
-    from vopd_train.config import resolve
+    from vopd_train.config import TOY_PRESET, resolve
     from vopd_train.trainer import Distiller
 
     with tempfile.TemporaryDirectory() as out:
-        cfg, preset = resolve(model, {"data": "synthetic:train", "out": out, "steps": warmup + steps,
-                                      "remeasure": False, "quiet": True, "save_every": 10**6})
+        overrides = dict(TOY_PRESET) if like_toy else {}
+        overrides.update({"data": "synthetic:train", "out": out, "steps": warmup + steps, "remeasure": False,
+                          "quiet": True, "save_every": 10**6})
+        cfg, preset = resolve(model, overrides)
         d = Distiller(cfg, preset=preset)
         rows = []
         for s in range(warmup + steps):
@@ -110,10 +112,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--plain-tokens", default="256,512", help="token counts at which the plain variant is measured")
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--like-toy", action="store_true", help="apply the toy's tuned settings to another model")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if not args.memory_only:
-        step_report(args.model, args.steps, args.warmup)
+        step_report(args.model, args.steps, args.warmup, args.like_toy)
     memory_report(args.chunk, [int(x) for x in args.plain_tokens.split(",")])
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 

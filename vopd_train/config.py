@@ -149,7 +149,8 @@ NOT_TRAINING = {"restart", "quiet", "log_every", "save_every", "remeasure", "eva
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.
 TOY_PRESET: dict[str, Any] = {
     "teacher": "frozen",
-    "lr": 1e-4,
+    "lora": True,
+    "lr": 1e-3,
     "steps": 300,
     "batch_size": 32,
     "n_rollouts": 1,

@@ -19,7 +19,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +108,6 @@ class Distiller:
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
                                            trust_remote_code=cfg.trust_remote_code)
-        self.model_path = cfg.model
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -138,8 +139,6 @@ class Distiller:
             for name in (checkpoint.STATE, checkpoint.STATE + ".old", LOG_FILE):
                 p = self.out / name
                 if p.is_dir():
-                    import shutil
-
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
@@ -314,7 +313,9 @@ def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
     try:
-        return get_peft_model(model, lcfg)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, lcfg)
     except ValueError as e:
         raise VopdError(f"cannot attach LoRA: {str(e).splitlines()[0]}") from None
 
