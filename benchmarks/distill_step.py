@@ -7,7 +7,7 @@
    tokens: vopd's chunked path (vocabulary projection `--loss-chunk-size` rows at a time, recomputed in the
    backward) against a plain implementation that projects all tokens at once for student and teacher and then
    applies the same top-k + tail divergence. Measured on the CPU as the growth of the process's peak resident
-   memory, each variant in a fresh subprocess, with a small hidden size (the head's weight is then small; the
+   memory (VmHWM), each variant in a fresh subprocess, with a small hidden size (the head's weight is then small; the
    logits are what grows with the vocabulary). The plain variant is measured at fewer tokens where it would not
    fit, and its 4,096-token figure is extrapolated linearly (its memory is linear in the token count).
 
@@ -32,8 +32,15 @@ TOKENS = 4096
 HIDDEN = 64
 
 MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from vopd_train.losses import chunked_divergence, distill_divergence
+
+def peak_kib():
+    # VmHWM belongs to this process's own address space; ru_maxrss would start from the parent's peak
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 kind, n, vocab, hidden, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
@@ -42,7 +49,7 @@ t_head = torch.nn.Linear(hidden, vocab, bias=False)
 hs = torch.randn(n, hidden, generator=g, requires_grad=True)
 ht = torch.randn(n, hidden, generator=g)
 ids = torch.randint(0, vocab, (n,), generator=g)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kib()
 if kind == "chunked":
     loss = chunked_divergence(hs, ht, head, t_head, ids, topk=100, chunk_size=chunk).loss
 else:
@@ -50,7 +57,7 @@ else:
         zt = t_head(ht)
     loss = distill_divergence(head(hs), zt, topk=100)
 loss.mean().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kib()
 print(json.dumps({"kind": kind, "tokens": n, "peak_growth_mib": (peak - base) / 1024}))
 """
 
@@ -96,6 +103,7 @@ def step_report(model: str, steps: int, warmup: int, like_toy: bool) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} (other processes share the CPU)")
     print(f"model {model}: batch {cfg.batch_size} prompts × {cfg.n_rollouts} rollouts, teacher {cfg.teacher}, "
+          f"{'LoRA' if cfg.lora else 'full fine-tuning'}, "
           f"mean of {steps} steps after {warmup} warm-up steps")
     names = {"t_rollout": "rollout", "t_teacher": "teacher forward", "t_student": "student forward+backward",
              "t_other": "everything else"}
