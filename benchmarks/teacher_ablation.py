@@ -42,6 +42,11 @@ def main() -> None:
     out = Path(args.out)
     bench = ["synthetic:test"]
     t0 = time.perf_counter()
+    threads = resolve(args.model, {"data": "synthetic:train", "out": str(out)})[0].threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # the preset's count for the measurements too, not only the training
     before = run_gap_report(GapReportConfig(model=args.model, benchmarks=bench, limit=args.eval_limit,
                                             out=str(out / "before"), quiet=True))
     rows = []
