@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,9 @@ def merge_lora(base_model: str, adapter_dir: str | Path, out_dir: str | Path) ->
     from vopd_bench.modeling import load_model
 
     net, processor = load_model(base_model, device="cpu", dtype="float32")
-    merged = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
     merged.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
