@@ -225,9 +225,10 @@ def _markdown_html(text: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def _figures_html(summary: pd.DataFrame) -> str:
+def _figures_html(summary: pd.DataFrame, figures: Mapping[str, Path] | None = None) -> str:
+    """Embed `figures` (name -> PNG already drawn, e.g. for report.md), or draw them afresh."""
     with tempfile.TemporaryDirectory() as tmp:
-        written = plots.plot_all(summary, tmp)
+        written = figures if figures is not None else plots.plot_all(summary, tmp)
         parts = []
         for name, path in written.items():
             uri = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -305,7 +306,8 @@ def _gallery_html(records: Sequence[Any], cfg: ViewConfig, lookup: SampleLookup 
 
 
 def render_html(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
-                sample_lookup: SampleLookup | None = None, max_gallery: int = 60) -> str:
+                sample_lookup: SampleLookup | None = None, max_gallery: int = 60,
+                figures: Mapping[str, Path] | None = None) -> str:
     """The whole page as a string (see the module docstring)."""
     records = list(records)
     body = _markdown_html(report.render_report(summary, records, run_info, figures=()))
@@ -318,7 +320,7 @@ def render_html(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
         '<link rel="icon" href="data:,">',  # no favicon request
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>",
         body,
-        _figures_html(summary),
+        _figures_html(summary, figures),
         _gallery_html(records, cfg, sample_lookup, max_gallery),
         '<h2 id="run">Run</h2><details><summary>run.json</summary>', f"<pre>{_esc(run_json)}</pre></details>",
         "</main></body></html>",
@@ -326,14 +328,16 @@ def render_html(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
 
 
 def write_html_report(out_dir: str | Path, summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
-                      sample_lookup: SampleLookup | None = None, max_gallery: int = 60) -> Path:
+                      sample_lookup: SampleLookup | None = None, max_gallery: int = 60,
+                      figures: Mapping[str, Path] | None = None) -> Path:
     """Write `report.html` into `out_dir`; returns its path.
 
     `sample_lookup(benchmark, sample_id)` returns the `Sample` (or None) for records without an image path,
-    e.g. procedural benchmarks; without it such cases show a note instead of their images.
+    e.g. procedural benchmarks; without it such cases show a note instead of their images. `figures` are PNGs
+    already drawn for report.md (see `report.write_report`); without them the plots are drawn again.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
-    path.write_text(render_html(summary, records, run_info, sample_lookup, max_gallery), encoding="utf-8")
+    path.write_text(render_html(summary, records, run_info, sample_lookup, max_gallery, figures), encoding="utf-8")
     return path

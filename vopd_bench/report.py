@@ -260,9 +260,15 @@ def _notes(look: _Lookup, benches: list[str], rec_df: pd.DataFrame, records: Seq
 
 def write_report(out_dir: str | Path, summary: pd.DataFrame, records: Sequence[Any], run_info: dict) -> Path:
     """Write report.md and its PNG figures into `out_dir`; returns the path of report.md."""
+    return write_report_with_figures(out_dir, summary, records, run_info)[0]
+
+
+def write_report_with_figures(out_dir: str | Path, summary: pd.DataFrame, records: Sequence[Any],
+                              run_info: dict) -> tuple[Path, dict[str, Path]]:
+    """As `write_report`, also returning the figures (name -> PNG path) for reuse by the HTML report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = plots.plot_all(summary, out_dir)
     path = out_dir / "report.md"
     path.write_text(render_report(summary, records, run_info, figures=list(written)), encoding="utf-8")
-    return path
+    return path, written

@@ -7,7 +7,9 @@ is a small function elsewhere.
 from __future__ import annotations
 
 import json
+import queue
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -138,6 +140,58 @@ def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
         yield p, rec, rendered.image
 
 
+def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
+              fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+    """Each sample's remaining views, rendered; None instead of an image for a per-sample error."""
+    for views_of_sample in todo:
+        sample = views_of_sample[0].sample
+        if isinstance(sample, BadSample):
+            for p in views_of_sample:
+                rec = _base_record(p, fingerprint)
+                rec.error, rec.error_kind = sample.error, "sample"
+                yield p, rec, None
+        else:
+            yield from _prepare(sample, views_of_sample, cfg, fingerprint)
+
+
+@dataclass
+class _Raised:
+    error: BaseException
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` ahead, so images are decoded and views drawn while
+    the backend works on the previous batch. An exception in `items` is raised here, in the caller."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(_Raised(e))
+
+    worker = threading.Thread(target=produce, name="vopd-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
 class _Progress:
     """A rich progress bar per benchmark × view; silent when quiet."""
 
@@ -166,14 +220,14 @@ class _Progress:
 
 
 class _Batcher:
-    """Per-view queues of rendered requests. A full queue goes to the backend as one batch; its scored records
+    """Per benchmark × view queues of rendered requests. A full queue goes to the backend as one batch; its scored records
     are appended to the store as soon as the batch returns."""
 
     def __init__(self, backend: Backend, gen: GenerationConfig, store: RecordStore, progress: _Progress,
                  batch_size: int, on_batch: Callable[[int], None] | None, judge: Any = None):
         self.backend, self.gen, self.store, self.progress, self.judge = backend, gen, store, progress, judge
         self.batch_size, self.on_batch = batch_size, on_batch
-        self.queues: dict[str, list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
+        self.queues: dict[tuple[str, str], list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
         self.backend_seconds = 0.0
         self.n_batches = 0
 
@@ -183,20 +237,21 @@ class _Batcher:
         self.progress.advance(p.spec.name, p.view)
 
     def add(self, p: _Planned, rec: Record, image: Image.Image) -> None:
-        queue = self.queues[p.view]
-        queue.append((p, rec, image))
+        name = (p.spec.name, p.view)
+        pending = self.queues[name]
+        pending.append((p, rec, image))
         # Cap pixels as well as requests: 256 decoded 8K images would need tens of GB.
-        if len(queue) >= self.batch_size or sum(i.width * i.height for _, _, i in queue) >= MAX_BATCH_PIXELS:
-            self.flush(p.view)
+        if len(pending) >= self.batch_size or sum(i.width * i.height for _, _, i in pending) >= MAX_BATCH_PIXELS:
+            self.flush(name)
 
     def flush_all(self) -> None:
-        for view in list(self.queues):
-            self.flush(view)
+        for name in list(self.queues):
+            self.flush(name)
 
-    def flush(self, view: str) -> None:
+    def flush(self, name: tuple[str, str]) -> None:
         from vopd_bench import scoring
 
-        batch, self.queues[view] = self.queues[view], []
+        batch, self.queues[name] = self.queues[name], []
         if not batch:
             return
         b0 = time.perf_counter()
@@ -220,7 +275,7 @@ class _Batcher:
             self.judge.rescore([rec for _, rec, _ in batch])
         self.store.append([rec for _, rec, _ in batch])
         self.n_batches += 1
-        self.progress.advance(batch[0][0].spec.name, view, len(batch))
+        self.progress.advance(*name, len(batch))
         if self.on_batch is not None:
             self.on_batch(self.n_batches)
 
@@ -257,31 +312,24 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
     batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
+    todo: list[list[_Planned]] = []  # per sample, the views still to ask
+    for lb in loaded:
+        for view in cfg.views:
+            of_view = [p for p in plans[lb.name] if p.view == view]
+            if of_view:
+                progress.add(lb.name, view, len(of_view), sum(store.done(p.key) for p in of_view))
+        by_sample: dict[str, list[_Planned]] = defaultdict(list)
+        for p in plans[lb.name]:
+            if not store.done(p.key):
+                by_sample[p.sample.id].append(p)
+        todo += by_sample.values()
     try:
-        for lb in loaded:
-            planned = plans[lb.name]
-            for view in cfg.views:
-                of_view = [p for p in planned if p.view == view]
-                if of_view:
-                    progress.add(lb.name, view, len(of_view), sum(store.done(p.key) for p in of_view))
-            by_sample: dict[str, list[_Planned]] = defaultdict(list)
-            for p in planned:
-                if not store.done(p.key):
-                    by_sample[p.sample.id].append(p)
-            for todo in by_sample.values():
-                sample = todo[0].sample
-                if isinstance(sample, BadSample):
-                    for p in todo:
-                        rec = _base_record(p, fingerprint)
-                        rec.error, rec.error_kind = sample.error, "sample"
-                        batcher.record_now(p, rec)
-                    continue
-                for p, rec, img in _prepare(sample, todo, cfg, fingerprint):
-                    if img is None:
-                        batcher.record_now(p, rec)
-                    else:
-                        batcher.add(p, rec, img)
-            batcher.flush_all()
+        for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint), depth=2 * batch_size):
+            if img is None:
+                batcher.record_now(p, rec)
+            else:
+                batcher.add(p, rec, img)
+        batcher.flush_all()
     finally:
         progress.stop()
         store.compact()
@@ -323,9 +371,10 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     info = run_info(cfg, loaded, fingerprint, gen)
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-    report.write_report(out_dir, summary, records, info)
+    _, figures = report.write_report_with_figures(out_dir, summary, records, info)
     index = {(lb.name, s.id): s for lb in loaded for s in lb.samples if isinstance(s, Sample)}
-    html_report.write_html_report(out_dir, summary, records, info, sample_lookup=lambda b, i: index.get((b, i)))
+    html_report.write_html_report(out_dir, summary, records, info, sample_lookup=lambda b, i: index.get((b, i)),
+                                  figures=figures)
     return summary
 
 
