@@ -18,9 +18,13 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
-                 trust_remote_code: bool = False, batch_size: int = 16):
+                 trust_remote_code: bool = False, batch_size: int = 16, threads: int | None = None):
         self.model_name = model
         self.model, self.processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if threads and self.model.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
         self._fingerprint: str | None = None
