@@ -309,6 +309,8 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
 
         judge = Judge(cfg.judge["base_url"], cfg.judge["model"], api_key_env=cfg.judge.get("api_key_env", "OPENAI_API_KEY"),
                       cache_path=out_dir / "judge_cache.jsonl")
+    # The analysis and plotting libraries take ~1.5 s to import: do it while the backend works.
+    threading.Thread(target=_import_reporting, name="vopd-import", daemon=True).start()
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
     batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
@@ -347,6 +349,12 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen)
     timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
     return GapReportResult(out_dir, summary, records, timings)
+
+
+def _import_reporting() -> None:
+    import scipy.stats  # noqa: F401
+
+    from vopd_bench import analysis, html_report, plots, report  # noqa: F401
 
 
 def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 
 NAN = float("nan")
 
@@ -39,6 +38,8 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion k/n (no continuity correction); NaNs when n == 0."""
     if n == 0:
         return NAN, NAN
+    from scipy.stats import binomtest  # imported on first use: scipy.stats takes ~1 s to import
+
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return float(ci.low), float(ci.high)
 
@@ -133,4 +134,6 @@ def mcnemar_exact(b: int, c: int) -> float:
         raise ValueError(f"discordant counts must be non-negative, got b={b}, c={c}")
     if b + c == 0:
         return 1.0
+    from scipy.stats import binomtest
+
     return float(min(1.0, binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue))
