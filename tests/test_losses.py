@@ -168,6 +168,7 @@ def test_reductions_seq_mean_then_batch_mean_and_token_mean():
                                           ("logits", {"topk": 7, "add_tail": False, "alpha": 0.0}),
                                           ("sampled-token", {})])
 def test_chunked_equals_unchunked(objective, kw):
+    torch.manual_seed(3)  # the heads' init draws from the global generator: fix it, whatever ran before
     g = torch.Generator().manual_seed(3)
     n, h, v = 23, 8, 40
     head = torch.nn.Linear(h, v, bias=False)
@@ -188,7 +189,8 @@ def test_chunked_equals_unchunked(objective, kw):
     hs.grad, head.weight.grad = None, None
 
     out = chunked_divergence(hs, ht, head, t_head, ids, objective=objective, chunk_size=5, **kw)
-    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    # Chunking changes the float32 summation order; log-probs of a few units agree to ~1e-6 absolute.
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=5e-6)
     (out.loss * torch.arange(n)).sum().backward()
     torch.testing.assert_close(hs.grad, ref_gh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(head.weight.grad, ref_gw, rtol=1e-4, atol=1e-5)
