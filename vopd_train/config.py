@@ -16,6 +16,7 @@ TEACHERS = ("ema", "frozen", "current", "trust-region")
 STUDENT_VIEWS = ("full", "box")
 OBJECTIVES = ("logits", "sampled-token")
 REDUCTIONS = ("seq-mean", "token-mean")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -44,6 +45,15 @@ class DistillConfig:
     n_rollouts: int = _opt(8, "Responses sampled per prompt from the student.")
     temperature: float = _opt(1.0, "Sampling temperature of the rollouts (the loss uses the same temperature).")
     max_new_tokens: int = _opt(1024, "Longest rollout, in tokens (the paper's default is 1024).")
+    rollout_engine: str = _opt("hf", "What samples the rollouts: `hf` (transformers generate on the training model) "
+                                     "or `vllm` (vLLM's offline engine on the same GPU, its weights synced after "
+                                     "every update; needs vopd's `vllm` extra). vLLM reports each token's "
+                                     "log-prob, so add --importance-weight to correct for its kernels and dtype.")
+    vllm_gpu_memory_utilization: float = _opt(0.5, "Fraction of the GPU's memory vLLM may take (weights and KV "
+                                                   "cache); the rest is left for training.")
+    vllm_max_model_len: int | None = _opt(None, "vLLM's longest sequence (prompt + rollout); none = the model's.")
+    vllm_sleep_mode: bool = _opt(False, "Let vLLM sleep between rollouts (weights to CPU memory, KV cache freed) "
+                                        "so training gets that GPU memory back.")
 
     # loss
     alpha: float = _opt(0.5, "Generalised-JSD weight: 0 = KL(teacher‖student), 1 = KL(student‖teacher), 0.5 = JSD.")
@@ -130,6 +140,9 @@ class DistillConfig:
         need(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip > 0 and self.is_clip > 0,
              "--lr, --grad-clip and --is-clip must be positive and --warmup-steps ≥ 0")
         need(self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")
+        need(self.rollout_engine in ROLLOUT_ENGINES, f"--rollout-engine must be one of {', '.join(ROLLOUT_ENGINES)}")
+        need(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
+        need(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1, "--vllm-max-model-len must be ≥ 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +156,8 @@ class DistillConfig:
 
 # Fields that do not change the trained weights: a resumed run may change them freely.
 NOT_TRAINING = {"restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
-                "eval_batch_size", "eval_max_new_tokens", "out", "threads"}
+                "eval_batch_size", "eval_max_new_tokens", "out", "threads", "vllm_gpu_memory_utilization",
+                "vllm_sleep_mode"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.
@@ -213,7 +227,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
                 raise VopdError(f"option {k} must be true or false, got {v!r}")
             if isinstance(default, float) and isinstance(v, (int, str)) and not isinstance(v, bool):
                 v = float(v)
-            elif k in ("steps", "data_limit", "eval_limit", "threads") and v is not None:
+            elif k in ("steps", "data_limit", "eval_limit", "threads", "vllm_max_model_len") and v is not None:
                 v = int(v)
         except ValueError:
             raise VopdError(f"option {k}: cannot read {v!r} as a number") from None
