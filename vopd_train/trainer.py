@@ -121,12 +121,18 @@ class Distiller:
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0)
+        if engine is None and cfg.rollout_engine == "vllm":
+            from vopd_train.rollout_vllm import VLLMRolloutEngine  # vLLM is imported only when asked for
+
+            engine = VLLMRolloutEngine.for_trainer(cfg, model, self.processor)
         self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
         self.step = 0
         self._resume_or_start()
+        if self.step:  # an engine with its own copy of the weights (vLLM) still holds the starting ones
+            self.engine.sync_weights(self.model)
 
     # ------------------------------------------------------------------ state
 
