@@ -1,0 +1,478 @@
+"""`VLLMRolloutEngine` through a fake `vllm` module that honours the calls it makes (`LLM(...)`, `LLM.generate`,
+`SamplingParams`, the in-process model's `load_weights`, `apply_model`, cache resets, sleep/wake).
+
+Real vLLM needs a GPU. What these tests pin down is what the engine asks of vLLM and what it does with the
+answers; the end-to-end tests use a fake whose rollouts come from its own copy of the tiny model (sampled with
+transformers), kept up to date only through `sync_weights`, so a missing or wrong sync shows up in its outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vopd_bench.errors import VopdError
+from vopd_bench.modeling import load_model, vision_token_ids
+from vopd_train.config import DistillConfig
+from vopd_train.rollout import SamplingSettings, encode_prompts
+from vopd_train.rollout_vllm import VLLMRolloutEngine, export_weights
+from vopd_train.trainer import Distiller
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
+    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- the fake vllm module
+
+
+@dataclass
+class FakeSamplingParams:
+    """The fields of vllm.SamplingParams the engine sets (an unknown keyword is a TypeError, as in vLLM)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    max_tokens: int | None = 16
+    seed: int | None = None
+    logprobs: int | None = None
+    bad_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    detokenize: bool = True
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class FakeCompletion:
+    token_ids: list[int]
+    logprobs: list[dict[int, FakeLogprob]] | None
+
+
+@dataclass
+class FakeRequestOutput:
+    prompt_token_ids: list[int] | None
+    outputs: list[FakeCompletion]
+
+
+@dataclass
+class ScriptedLLM:
+    """Answers every prompt with the scripted token rows (one per sample, cycled; ids ≥ 40, as 0-6 are the
+    tiny tokenizer's special tokens) and log-prob -0.5·(k+1) at
+    position k; reports the prompt ids it is given in `prompt_ids`; records every call."""
+
+    rows: list[list[int]] = field(default_factory=lambda: [[40, 41]])
+    prompt_ids: list[list[int]] | None = None
+    calls: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        self.calls.append({"prompts": prompts, "sampling_params": sampling_params, "use_tqdm": use_tqdm})
+        outs = []
+        for i, sp in enumerate(sampling_params):
+            comps = []
+            for j in range(sp.n):
+                row = self.rows[j % len(self.rows)]
+                comps.append(FakeCompletion(list(row), [{t: FakeLogprob(-0.5 * (k + 1))} for k, t in enumerate(row)]))
+            outs.append(FakeRequestOutput(self.prompt_ids[i] if self.prompt_ids else None, comps))
+        return outs
+
+    def sleep(self, level=1):
+        self.events.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.events.append(("wake_up", tags))
+
+    def reset_prefix_cache(self):
+        self.events.append(("reset_prefix_cache",))
+
+    def reset_encoder_cache(self):
+        self.events.append(("reset_encoder_cache",))
+
+
+class RecordingModel:
+    """vLLM's model side of `load_weights`: records what it is sent."""
+
+    def __init__(self):
+        self.loads: list[dict[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        got = dict(weights)
+        self.loads.append(got)
+        return set(got)
+
+
+def in_process(llm, model):
+    """Attach `model` where an in-process vLLM engine keeps it."""
+    runner = SimpleNamespace(model=model)
+    llm.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+    return llm
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` module whose LLM(...) records its arguments and builds what `factory` returns."""
+    made = []
+    state = {"factory": lambda **kw: ScriptedLLM()}
+
+    def make_llm(**kwargs):
+        llm = state["factory"](**kwargs)
+        made.append((kwargs, llm))
+        return llm
+
+    module = types.ModuleType("vllm")
+    module.LLM = make_llm
+    module.SamplingParams = FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    return SimpleNamespace(made=made, state=state)
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, processor = tiny
+    images = [Image.new("RGB", (224, 224), (200, 30, 30)), Image.new("RGB", (120, 60), (30, 200, 30))]
+    return encode_prompts(processor, images, ["What colour is it?", "What shape is the red object? (A) circle"])
+
+
+def eos_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# ---------------------------------------------------------------------- requests and answers
+
+
+def test_requests_carry_the_chat_text_and_image_and_the_sampling_settings(fake_vllm, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+    llm = ScriptedLLM(rows=[[70, 71, 72]])
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm, eos_token_ids=[eos_id(processor)])
+    torch.manual_seed(3)
+    rolls = engine.generate(prompts, SamplingSettings(n=3, temperature=0.7, max_new_tokens=5))
+    [call] = llm.calls  # one batched call
+    assert call["use_tqdm"] is False
+    for req, p in zip(call["prompts"], prompts, strict=True):
+        assert req["prompt"] == p.text and req["multi_modal_data"]["image"] is p.image
+        # the text is the model's chat template around one image placeholder, as the HF processor got it
+        assert req["prompt"].count("<|image_pad|>") == 1 and req["prompt"].endswith("<|im_start|>assistant\n")
+    sp0, sp1 = call["sampling_params"]
+    assert (sp0.n, sp0.temperature, sp0.max_tokens, sp0.logprobs, sp0.detokenize) == (3, 0.7, 5, 0, False)
+    assert sp0.stop_token_ids == [eos_id(processor)]
+    # per-prompt seeds: vLLM seeds sample j of a prompt with seed + j, so prompts sit n apart and never overlap
+    assert sp1.seed == sp0.seed + 3
+    torch.manual_seed(3)  # the seed comes from torch's generator, which the trainer reseeds every step
+    engine.generate(prompts, SamplingSettings(n=3, temperature=0.7, max_new_tokens=5))
+    assert llm.calls[1]["sampling_params"][0].seed == sp0.seed
+    # prompt-major rollouts with the scripted tokens and their log-probs
+    assert [r.prompt_index for r in rolls] == [0, 0, 0, 1, 1, 1]
+    assert all(r.token_ids == [70, 71, 72] and r.logprobs == [-0.5, -1.0, -1.5] for r in rolls)
+
+
+def test_vision_tokens_are_banned_by_their_text(fake_vllm, tiny, prompts, tiny_model_dir):
+    """vLLM tokenises each bad word (without special-token wrapping): each must come out as one vision id."""
+    _, processor = tiny
+    llm = ScriptedLLM()
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm)
+    engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=4))
+    words = llm.calls[0]["sampling_params"][0].bad_words
+    banned = [processor.tokenizer.encode(w, add_special_tokens=False) for w in words]
+    assert sorted(banned) == [[i] for i in sorted(vision_token_ids(processor))] and len(banned) >= 3
+    # a vLLM that samples one anyway is an error, never a silently shortened rollout
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    bad = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM(rows=[[40, image_pad, 41]]))
+    with pytest.raises(VopdError, match=rf"vision token\(s\) \[{image_pad}\]"):
+        bad.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=4))
+
+
+def test_responses_end_at_the_first_eos(fake_vllm, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+    eos, other_eos = eos_id(processor), processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rows = [[40, eos, 41, 42], [40, 41, 42, 43], [other_eos, 44], [eos]]
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM(rows=rows),
+                               eos_token_ids=[eos, other_eos])
+    rolls = engine.generate(prompts[:1], SamplingSettings(n=4, max_new_tokens=4))
+    assert [r.token_ids for r in rolls] == [[40, eos], [40, 41, 42, 43], [other_eos], [eos]]
+    assert [r.logprobs for r in rolls] == [[-0.5, -1.0], [-0.5, -1.0, -1.5, -2.0], [-0.5], [-0.5]]
+    assert engine.llm.calls[0]["sampling_params"][0].stop_token_ids == sorted([eos, other_eos])
+
+
+def test_prompt_ids_must_match_the_trainers(fake_vllm, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+    same = [p.input_ids.tolist() for p in prompts]
+    VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM(prompt_ids=same)).generate(
+        prompts, SamplingSettings(n=1, max_new_tokens=2))
+    shorter = [same[0], same[1][:-3]]  # e.g. vLLM resized the second image to fewer patches
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM(prompt_ids=shorter))
+    with pytest.raises(VopdError, match=rf"prompt 1 as {len(same[1]) - 3} tokens, the trainer as {len(same[1])}"):
+        engine.generate(prompts, SamplingSettings(n=1, max_new_tokens=2))
+
+
+def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+    engine = VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.3, seed=5, dtype="bfloat16",
+                               max_model_len=2048, enable_sleep_mode=True, enforce_eager=True)
+    assert fake_vllm.made == []  # nothing started yet
+    engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
+    [(kwargs, _)] = fake_vllm.made
+    from vopd_bench.modeling import TOY_DIR
+
+    assert kwargs == {"model": str(TOY_DIR), "dtype": "bfloat16", "seed": 5, "gpu_memory_utilization": 0.3,
+                      "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
+                      "logprobs_mode": "processed_logprobs", "enable_sleep_mode": True, "enforce_eager": True,
+                      "max_model_len": 2048}
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # so that the model is reachable for the sync
+    with pytest.raises(VopdError, match="utilization"):
+        VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.0)
+
+
+def test_missing_vllm_and_start_failure_are_one_line_errors(monkeypatch, tiny, prompts):
+    _, processor = tiny
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(VopdError, match=r"pip install 'vopd\[vllm\]'"):
+        VLLMRolloutEngine("org/model", processor).generate(prompts[:1], SamplingSettings(n=1))
+    module = types.ModuleType("vllm")
+
+    def broken(**kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20 GiB\ntraceback lines")
+
+    module.LLM, module.SamplingParams = broken, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    with pytest.raises(VopdError) as e:
+        VLLMRolloutEngine("org/model", processor).generate(prompts[:1], SamplingSettings(n=1))
+    assert str(e.value) == ("vLLM could not load 'org/model': RuntimeError: CUDA out of memory. Tried to allocate "
+                            "20 GiB traceback lines")
+
+
+def test_sleep_mode_wakes_what_each_call_needs(fake_vllm, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+    llm = in_process(ScriptedLLM(), RecordingModel())
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm, enable_sleep_mode=True)
+    settings = SamplingSettings(n=1, max_new_tokens=2)
+    engine.generate(prompts[:1], settings)
+    engine.sync_weights(torch.nn.Linear(2, 2))
+    engine.generate(prompts[:1], settings)
+    assert llm.events == [("sleep", 1),  # after the rollouts: weights to CPU, KV cache freed
+                          ("wake_up", ["weights"]), ("reset_prefix_cache",), ("reset_encoder_cache",),
+                          ("wake_up", ["kv_cache"]),  # the weights are back already
+                          ("sleep", 1)]
+
+
+# ---------------------------------------------------------------------- weight sync
+
+
+def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm, tiny, tiny_model_dir):
+    model, processor = tiny
+    recorder = RecordingModel()
+    llm = in_process(ScriptedLLM(), recorder)
+    VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm).sync_weights(model)
+    [sent] = recorder.loads
+    saved = load_file(tiny_model_dir / "model.safetensors")
+    assert sent.keys() == saved.keys()  # checkpoint names (visual.*, model.layers.*), the tied lm_head dropped
+    for k in saved:
+        assert sent[k].shape == saved[k].shape and torch.equal(sent[k], saved[k]), k
+    # views of the live parameters, not copies
+    assert sent["model.embed_tokens.weight"].data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    assert llm.events == [("reset_prefix_cache",), ("reset_encoder_cache",)]  # caches built on the old weights
+
+
+def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero: give the adapter something to merge
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    sent = export_weights(peft_model)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    saved_names = set(load_file(tiny_model_dir / "model.safetensors"))
+    want = {k for k in saved_names if k.endswith(("q_proj.weight", "fc1.weight"))}
+    assert set(sent) == want and len(want) == 4  # 2 text q_proj + 2 vision fc1, under checkpoint names
+    reference = export_weights(merged)  # the merged model's own checkpoint tensors
+    for k in want:
+        torch.testing.assert_close(sent[k], reference[k], rtol=0, atol=1e-6)
+    # and by hand for one layer: W + (α/r)·B·A
+    layer = peft_model.get_base_model().model.language_model.layers[0].self_attn.q_proj
+    by_hand = layer.base_layer.weight + (8 / 4) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(sent["model.layers.0.self_attn.q_proj.weight"], by_hand, rtol=0, atol=1e-6)
+    # the base itself is untouched
+    assert not torch.equal(layer.base_layer.weight, by_hand)
+
+
+def test_sync_without_an_in_process_model_goes_through_apply_model(fake_vllm, tiny, tiny_model_dir):
+    _, processor = tiny
+    recorder = RecordingModel()
+
+    class RemoteLLM(ScriptedLLM):
+        def apply_model(self, func):
+            return [func(recorder)]  # vLLM runs func on each worker's model
+
+    lin = torch.nn.Linear(3, 2)
+    VLLMRolloutEngine(str(tiny_model_dir), processor, llm=RemoteLLM()).sync_weights(lin)
+    assert recorder.loads[0].keys() == {"weight", "bias"} and torch.equal(recorder.loads[0]["weight"], lin.weight)
+    with pytest.raises(VopdError, match="neither an in-process model"):
+        VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM()).sync_weights(lin)
+
+
+# ---------------------------------------------------------------------- end to end through the trainer
+
+
+class HFBackedLLM:
+    """A vLLM stand-in with its own copy of the model: it renders the request with the processor (as vLLM does
+    from text + image), samples with transformers `generate` (per-sample seeds, bad words, stop ids), reports the
+    log-prob of each sampled token at the temperature, and takes new weights only through `load_weights` by
+    checkpoint name."""
+
+    def __init__(self, model_dir: str, logprob_shift: float = 0.0):
+        self.model, self.processor = load_model(model_dir, device="cpu", dtype="float32")
+        self.logprob_shift = logprob_shift
+        self.loaded: list[dict[str, tuple]] = []
+        from transformers.core_model_loading import revert_weight_conversion
+
+        # checkpoint name -> parameter name (one-to-one renames for this model)
+        self.by_ckpt = {next(iter(revert_weight_conversion(self.model, {n: torch.zeros(1)}))): n
+                        for n in self.model.state_dict()}
+        self.params = dict(self.model.named_parameters())
+        in_process(self, SimpleNamespace(load_weights=self.load_weights))
+        self.resets = 0
+
+    def load_weights(self, weights):
+        record = {}
+        with torch.no_grad():
+            for name, tensor in weights:
+                target = self.params[self.by_ckpt[name]]
+                assert target.shape == tensor.shape, name
+                target.copy_(tensor)
+                record[name] = tuple(tensor.shape)
+        self.loaded.append(record)
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def reset_encoder_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        tok = self.processor.tokenizer
+        outs = []
+        for req, sp in zip(prompts, sampling_params, strict=True):
+            enc = self.processor(text=[req["prompt"]], images=[req["multi_modal_data"]["image"]], return_tensors="pt")
+            bad = [tok.encode(w, add_special_tokens=False) for w in sp.bad_words]
+            n = enc["input_ids"].shape[1]
+            comps = []
+            for j in range(sp.n):
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    torch.manual_seed(sp.seed + j)
+                    seq = self.model.generate(**enc, do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0,
+                                              max_new_tokens=sp.max_tokens, bad_words_ids=bad,
+                                              eos_token_id=sp.stop_token_ids, pad_token_id=tok.pad_token_id)
+                    ids = seq[0, n:].tolist()
+                    if sp.stop_token_ids[0] in ids:  # generate pads after the stop; vLLM does not
+                        ids = ids[:ids.index(sp.stop_token_ids[0]) + 1]
+                    full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
+                    logits = self.model(input_ids=full, attention_mask=torch.ones_like(full),
+                                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                                        mm_token_type_ids=torch.cat([enc["mm_token_type_ids"],
+                                                                     torch.zeros(1, len(ids), dtype=torch.long)], 1)
+                                        ).logits[0, n - 1:n - 1 + len(ids)].float() / sp.temperature
+                    lp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].tolist()
+                steps = [{t: FakeLogprob(v + self.logprob_shift)} for t, v in zip(ids, lp, strict=True)]
+                comps.append(FakeCompletion(ids, steps))
+            outs.append(FakeRequestOutput(enc["input_ids"][0].tolist(), comps))
+        return outs
+
+
+def vllm_cfg(model_dir, out, **kw) -> DistillConfig:
+    base = dict(model=str(model_dir), data="synthetic:train", out=str(out), data_limit=4, steps=2, batch_size=2,
+                n_rollouts=2, max_new_tokens=3, micro_batch_size=4, lr=1e-2, warmup_steps=0, topk=20, seed=0,
+                teacher="frozen", importance_weight=True, rollout_engine="vllm", vllm_gpu_memory_utilization=0.4,
+                remeasure=False, quiet=True, threads=1)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm, tiny_model_dir, tmp_path):
+    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+    d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "run"))
+    [(kwargs, llm)] = fake_vllm.made  # built by the trainer from the config, at start
+    assert kwargs["gpu_memory_utilization"] == 0.4 and kwargs["seed"] == 0 and kwargs["model"] == str(tiny_model_dir)
+    assert isinstance(d.engine, VLLMRolloutEngine) and d.engine.eos_ids == [eos_id(d.processor)]
+    start = {n: p.detach().clone() for n, p in d.model.named_parameters()}
+    history = [d.train_step(k) for k in range(2)]
+    # the student moved, and after each update vLLM's copy was set to exactly the student's weights
+    assert any(not torch.equal(p, start[n]) for n, p in d.model.named_parameters())
+    for n, p in d.model.named_parameters():
+        assert torch.equal(llm.params[n], p), n
+    saved = load_file(tiny_model_dir / "model.safetensors")
+    assert len(llm.loaded) == 2 and llm.loaded[0] == {k: tuple(v.shape) for k, v in saved.items()}
+    assert llm.resets == 4  # prefix and encoder caches, at each sync
+    # vLLM's log-probs are the behaviour policy of the importance weight: the rollouts come from the synced
+    # weights, so the weight is 1 at step 1 and at step 2 (a stale vLLM would give another value at step 2)
+    for s in history:
+        assert s.is_weight == pytest.approx(1.0, abs=1e-4) and s.tokens > 0 and math.isfinite(s.grad_norm)
+
+
+def test_without_the_sync_vllm_goes_stale_and_the_weight_shows_it(fake_vllm, tiny_model_dir, tmp_path):
+    """The control for the test above: the same run with a sync that does nothing."""
+    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+    d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "stale"))
+    d.engine.sync_weights = lambda model: None
+    first, second = d.train_step(0), d.train_step(1)
+    assert first.is_weight == pytest.approx(1.0, abs=1e-4)
+    assert abs(second.is_weight - 1.0) > 1e-3
+
+
+def test_importance_weight_uses_the_returned_logprobs(fake_vllm, tiny_model_dir, tmp_path):
+    """vLLM reporting every token 1.5× less likely than the student finds it: each weight is exactly 1.5."""
+    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"], logprob_shift=-math.log(1.5))
+    d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "shift", steps=1))
+    assert d.train_step(0).is_weight == pytest.approx(1.5, abs=1e-3)
+
+
+def test_lora_run_syncs_the_merged_adapter_and_resume_resyncs(fake_vllm, tiny_model_dir, tmp_path):
+    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+    cfg = vllm_cfg(tiny_model_dir, tmp_path / "lora", lora=True, lora_rank=4, steps=1, save_every=1)
+    d = Distiller(cfg)
+    d.train_step(0)
+    d.step = 1
+    d.save_state()
+    llm = fake_vllm.made[-1][1]
+    merged = dict(copy.deepcopy(d.model).merge_and_unload().named_parameters())
+    for n, p in llm.params.items():
+        torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
+    assert all(k.endswith(".weight") and "lora" not in k for k in llm.loaded[0])
+    # a resumed run starts a fresh vLLM from the starting checkpoint: the trainer syncs it before any rollout
+    resumed = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "lora", lora=True, lora_rank=4, steps=2, save_every=1))
+    fresh = fake_vllm.made[-1][1]
+    assert resumed.step == 1 and len(fresh.loaded) == 1
+    for n, p in fresh.params.items():
+        torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
