@@ -155,8 +155,10 @@ class Distiller:
             return
         state = checkpoint.load_state(path)
         meta = state["meta"]
-        saved, now = meta["config"], self._training_config()
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "steps")
+        # A setting missing from an older saved run had its default then: compare against that.
+        defaults = DistillConfig().to_dict()
+        saved, now = {**defaults, **meta["config"]}, self._training_config()
+        diff = sorted(k for k in set(saved) & set(now) if saved[k] != now[k] and k != "steps")
         if diff:
             raise VopdError(f"{self.out} holds a run with different settings ({', '.join(diff)}); "
                             "pass the same options to resume, or --restart")
