@@ -92,7 +92,8 @@ def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: 
             wanted = cfg.views
         else:
             # A benchmark-provided crop (ZoomBench) gives a crop view; only boxes give a box view.
-            wanted = tuple(v for v in cfg.views if v == "full" or (v == "crop" and s.has_evidence) or s.boxes)
+            wanted = tuple(v for v in cfg.views
+                           if v == "full" or (v == "crop" and s.has_evidence) or (v == "box" and s.boxes))
         for view in wanted:
             if isinstance(s, BadSample):
                 prompt = f"<unreadable row: {s.error}>"
