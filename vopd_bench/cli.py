@@ -116,7 +116,7 @@ def print_summary(summary) -> None:
     table = Table(title="Regional-to-global perception gap (accuracy %, 95% CI)")
     for col in ("benchmark", "n", "full", "crop", "box", "gap = crop − full", "locate = box − full",
                 "zoom = crop − box", "McNemar p"):
-        table.add_column(col, justify="left" if col == "benchmark" else "right")
+        table.add_column(col, justify="left" if col == "benchmark" else "right", no_wrap=col == "benchmark")
     rows = summary[summary["category"] == "all"]
     for bench, part in rows.groupby("benchmark", sort=False):
         m = {r["metric"]: r for r in part.to_dict("records")}
