@@ -102,12 +102,14 @@ def gap_report(
 def print_summary(summary) -> None:
     """The end-of-run table: one row per benchmark (category `all`)."""
 
+    from vopd_bench.report import fmt_p
+
     def cell(metric_rows, metric: str, pct: bool = True, ci: bool = False) -> str:
         r = metric_rows.get(metric)
         if r is None:
             return "–"
         if not pct:
-            return f"{r['value']:.3g}"
+            return fmt_p(r["value"])
         s = f"{100 * r['value']:.1f}"
         if ci and r["ci_low"] == r["ci_low"]:
             s += f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
