@@ -14,3 +14,15 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-vlm")
     build_tiny_vlm(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
+    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

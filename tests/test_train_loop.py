@@ -19,15 +19,7 @@ from vopd_train.config import DistillConfig
 from vopd_train.rollout import Rollout
 from vopd_train.trainer import Distiller
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
-    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(model_dir, out, **kw) -> DistillConfig:
