@@ -133,3 +133,21 @@ def test_config_rejects_bad_values(tmp_path):
     bad.write_text("learning_rate: 1\n")
     with pytest.raises(VopdError, match="unknown option"):
         load_yaml(bad)
+
+
+def test_failures_with_images_inside_a_local_dataset_copy(tmp_path):
+    """gap-report on a hub benchmark read from --data-dir hands over records with image None (the image lives in
+    the parquet); the trainer finds them in the same local copy, and the teacher gets the benchmark's own crop."""
+    import hub_fixtures
+
+    hub_fixtures.write_zoombench(tmp_path)
+    lb = load("zoombench", data_dir=str(tmp_path))
+    s = next(x for x in lb.samples if x.id == "zb-1")
+    failures = tmp_path / "failures.jsonl"
+    failures.write_text(json.dumps({"benchmark": "zoombench", "sample_id": "zb-1", "image": None,
+                                    "question": s.question, "options": list(s.options)}) + "\n")
+    with pytest.raises(VopdError):  # without the local copy there is nothing to read the image from
+        load_prompts(str(failures))
+    ps = load_prompts(str(failures), data_dir=str(tmp_path))
+    r = ps.prompts[0].render()
+    assert r.student_image.size == (320, 240) and r.teacher_image.size == (60, 80)

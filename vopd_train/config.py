@@ -37,6 +37,8 @@ class DistillConfig:
                                      "box plus the paper's hint, as in the authors' data). The teacher always sees the "
                                      "evidence crop with the student's text.")
     data_limit: int | None = _opt(None, "Use at most this many prompts from the source.")
+    data_dir: str | None = _opt(None, "Local copy of a hub benchmark's dataset repository, for benchmark sources, "
+                                      "failures.jsonl records whose images live in the dataset, and the re-measure.")
     crop_context: float = _opt(1.0, "Teacher crop side as a multiple of the evidence box (1.0 = tight).")
     crop_min_side: int = _opt(28, "Smallest teacher-crop side in source pixels.")
     crop_zoom: float = _opt(2.0, "Resize factor of the teacher crop (the paper uses 2).")
@@ -155,7 +157,7 @@ class DistillConfig:
 
 
 # Fields that do not change the trained weights: a resumed run may change them freely.
-NOT_TRAINING = {"restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
+NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
                 "eval_batch_size", "eval_max_new_tokens", "out", "threads", "vllm_gpu_memory_utilization",
                 "vllm_sleep_mode"}
 

@@ -51,16 +51,16 @@ class PromptSet:
 
 
 def load_prompts(source: str, *, student_view: str = "full", view_config: ViewConfig = ViewConfig(),
-                 limit: int | None = None) -> PromptSet:
+                 limit: int | None = None, data_dir: str | None = None) -> PromptSet:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "train.jsonl").is_file():
             raise VopdError(f"{path}: a data folder must hold train.jsonl (the Vision-OPD-6K layout)")
         out = _vopd6k(path, limit)
     elif path.suffix == ".jsonl" and path.is_file():
-        out = _failures(path, student_view, view_config, limit)
+        out = _failures(path, student_view, view_config, limit, data_dir)
     else:
-        out = _benchmark(source, student_view, view_config, limit)
+        out = _benchmark(source, student_view, view_config, limit, data_dir)
     if not out.prompts:
         raise VopdError(f"{source}: no usable training prompts ({len(out.skipped)} skipped"
                         + (f"; first reason: {out.skipped[0]['reason']}" if out.skipped else "") + ")")
@@ -84,10 +84,11 @@ def sample_prompt(sample: Sample, spec: BenchmarkSpec, student_view: str, view_c
     return TrainPrompt(prompt_id, render)
 
 
-def _benchmark(name: str, student_view: str, view_config: ViewConfig, limit: int | None) -> PromptSet:
+def _benchmark(name: str, student_view: str, view_config: ViewConfig, limit: int | None,
+               data_dir: str | None = None) -> PromptSet:
     from vopd_bench import benchmarks
 
-    loaded = benchmarks.load(name, limit=limit)  # the benchmark's standard data; --seed is the trainer's
+    loaded = benchmarks.load(name, limit=limit, data_dir=data_dir)  # the benchmark's standard data; --seed is the trainer's
     prompts, skipped = [], []
     for s in loaded.samples:
         pid = f"{loaded.name}/{s.id}"
@@ -114,7 +115,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict | str]]:
     return rows
 
 
-def _failures(path: Path, student_view: str, view_config: ViewConfig, limit: int | None) -> PromptSet:
+def _failures(path: Path, student_view: str, view_config: ViewConfig, limit: int | None,
+              data_dir: str | None = None) -> PromptSet:
     """gap-report's hand-off. A record whose image lives only in memory (image None, e.g. a procedural
     benchmark) is rebuilt by loading its benchmark and matching the sample id."""
     from vopd_bench import benchmarks
@@ -147,7 +149,7 @@ def _failures(path: Path, student_view: str, view_config: ViewConfig, limit: int
             else:
                 seed = int((row.get("meta") or {}).get("seed", 0) or 0)
                 if (bench, seed) not in loaded:
-                    lb = benchmarks.load(bench, seed=seed)
+                    lb = benchmarks.load(bench, seed=seed, data_dir=data_dir)
                     loaded[(bench, seed)] = {s.id: s for s in lb.samples}
                 found = loaded[(bench, seed)].get(sid)
                 if found is None:

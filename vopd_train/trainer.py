@@ -101,7 +101,7 @@ class Distiller:
         self.device, _ = pick_device_dtype(cfg.device)
         view_cfg = ViewConfig(context=cfg.crop_context, min_side=cfg.crop_min_side, zoom=cfg.crop_zoom)
         self.data: PromptSet = load_prompts(cfg.data, student_view=cfg.student_view, view_config=view_cfg,
-                                            limit=cfg.data_limit)
+                                            limit=cfg.data_limit, data_dir=cfg.data_dir)
         self.skipped: dict[str, str] = {s["id"]: s["reason"] for s in self.data.skipped}
         self.total_steps = cfg.steps or math.ceil(len(self.data.prompts) / cfg.batch_size)
 
