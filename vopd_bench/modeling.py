@@ -30,6 +30,12 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message: the readable part, without any traceback that follows."""
+    s = str(e).strip()
+    return s.splitlines()[0][:limit] if s else ""
+
+
 def pick_device_dtype(device: str | None = None, dtype: str | None = None):
     import torch
 

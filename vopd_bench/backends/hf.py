@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response
-from vopd_bench.modeling import encode, load_model, resolve_model_path, vision_token_ids
+from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, vision_token_ids
 
 # Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
 _FULL_HASH_LIMIT = 256 * 2**20
@@ -41,7 +41,7 @@ class HFBackend:
             return self._generate_batch(requests, gen)
         except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {_first_line(e)}")]
+                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
@@ -87,11 +87,6 @@ def model_fingerprint(path: str, model=None) -> str:
                 fh.seek(-(2**20), 2)
                 h.update(fh.read())
     return f"sha256:{h.hexdigest()[:16]}"
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else ""
 
 
 __all__ = ["HFBackend", "model_fingerprint"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response
 from vopd_bench.errors import VopdError
-from vopd_bench.modeling import resolve_model_path
+from vopd_bench.modeling import first_line, resolve_model_path
 
 
 class VLLMBackend:
@@ -79,7 +79,7 @@ class VLLMBackend:
             return self._generate(requests, gen)
         except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. longer than max_model_len) fails the call
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {_first_line(e)}")]
+                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
@@ -120,7 +120,7 @@ def _start_engine(engine_args: dict[str, Any]) -> Any:
     try:
         return LLM(**engine_args)
     except Exception as e:  # noqa: BLE001 - any start-up failure is a run-level error with one readable line
-        raise VopdError(f"vLLM could not load {engine_args['model']!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise VopdError(f"vLLM could not load {engine_args['model']!r}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _hub_snapshot(repo_id: str) -> str | None:
@@ -131,11 +131,6 @@ def _hub_snapshot(repo_id: str) -> str | None:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached or not a repo id: the fingerprint says "unknown"
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else ""
 
 
 __all__ = ["VLLMBackend", "conversation", "sampling_params"]
