@@ -92,6 +92,14 @@ def run(bench: Path, out: Path, outcome: Outcome, model: str) -> GapReportResult
     return run_gap_report(cfg, backend=ScriptedBackend(outcome, model))
 
 
+def before_and_after_runs(tmp: Path, n: int) -> Path:
+    """Two gap-report runs of one `n`-sample benchmark, `tmp/before` and `tmp/after`; returns `tmp`."""
+    bench = write_benchmark(tmp / "data", n)
+    run(bench, tmp / "before", before, "toy-before")
+    run(bench, tmp / "after", after, "toy-after")
+    return tmp
+
+
 def before(i: int, view: str) -> str:
     """A model with a gap: the crop is mostly right, the full image mostly wrong."""
     if view == "full":

@@ -23,11 +23,7 @@ BENCH = "local:toyset"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cmp")
-    bench = rf.write_benchmark(tmp / "data", N)
-    rf.run(bench, tmp / "before", rf.before, "toy-before")
-    rf.run(bench, tmp / "after", rf.after, "toy-after")
-    return tmp
+    return rf.before_and_after_runs(tmp_path_factory.mktemp("cmp"), N)
 
 
 def test_cli_writes_files_and_values_equal_the_summaries(runs):

@@ -32,11 +32,7 @@ BENCH = "local:toyset"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lb")
-    bench = rf.write_benchmark(tmp / "data", N)
-    rf.run(bench, tmp / "before", rf.before, "toy-before")
-    rf.run(bench, tmp / "after", rf.after, "toy-after")
-    return tmp
+    return rf.before_and_after_runs(tmp_path_factory.mktemp("lb"), N)
 
 
 def _summary_value(run_dir, metric: str, bench: str = BENCH, cat: str = "all") -> pd.Series:
