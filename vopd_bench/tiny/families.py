@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vopd_bench.errors import VopdError
-from vopd_bench.tiny import qwen
+from vopd_bench.tiny import gemma, llava_onevision, qwen
 from vopd_bench.tiny.spec import Family, make_tokenizer
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (*qwen.FAMILIES,)}
+_REGISTRY: dict[str, Family] = {f.name: f for f in (*qwen.FAMILIES, *gemma.FAMILIES, *llava_onevision.FAMILIES)}
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -38,8 +38,9 @@ def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     processor, config = fam.assemble(tokenizer)
     torch.manual_seed(seed)
     model = getattr(transformers, fam.model_class)(config)
+    stop = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(list(fam.tokens.stop))]
     model.generation_config = transformers.GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop if len(stop) > 1 else stop[0], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         do_sample=False, max_new_tokens=16,
     )
     out = Path(out_dir)

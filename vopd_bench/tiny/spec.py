@@ -26,10 +26,11 @@ class TokenSpec:
     chat_template: str
     bos: str | None = None
     named: dict[str, str] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()  # end-of-turn tokens that end generation besides `eos` (generation_config)
 
     def __post_init__(self) -> None:
         declared = set(self.specials)
-        missing = [t for t in (self.eos, self.pad, self.bos, *self.vision, *self.named.values())
+        missing = [t for t in (self.eos, self.pad, self.bos, *self.vision, *self.named.values(), *self.stop)
                    if t is not None and t not in declared]
         if missing:
             raise ValueError(f"tokens used but not declared special: {missing}")
