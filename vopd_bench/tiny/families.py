@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vopd_bench.errors import VopdError
-from vopd_bench.tiny import gemma, llava_onevision, qwen
+from vopd_bench.tiny import gemma, idefics3, internvl, llava_onevision, qwen
 from vopd_bench.tiny.spec import Family, make_tokenizer
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (*qwen.FAMILIES, *gemma.FAMILIES, *llava_onevision.FAMILIES)}
+_REGISTRY: dict[str, Family] = {f.name: f for f in (*qwen.FAMILIES, *gemma.FAMILIES, *llava_onevision.FAMILIES, *internvl.FAMILIES, *idefics3.FAMILIES)}
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
 
