@@ -1,9 +1,14 @@
-"""Tiny Gemma families: Gemma 3 (and Gemma 4, below).
+"""Tiny Gemma families: Gemma 3 and Gemma 4.
 
 Gemma 3 writes `<start_of_image>` where an image goes; its processor expands that to
 `\\n\\n<start_of_image>` + `<image_soft_token>` x mm_tokens_per_image + `<end_of_image>\\n\\n`. Turns are
 `<start_of_turn>user|model ... <end_of_turn>`, the prompt starts with `<bos>`, and generation ends at `<eos>` or
 `<end_of_turn>`. A SigLIP tower's patch grid is average-pooled down to a fixed number of soft tokens.
+
+Gemma 4 writes `<|image|>`, expanded to `<|image>` + `<|image|>` x soft tokens + `<image|>`, where the number of
+soft tokens follows the image's aspect ratio (at most `max_soft_tokens`). Turns are `<|turn>user|model ...
+<turn|>`. Its processor also carries an audio feature extractor and requires the audio tokens to exist, and
+the decoder adds per-layer token embeddings (as the small E2B/E4B checkpoints do).
 """
 
 from __future__ import annotations
@@ -68,6 +73,60 @@ def assemble_gemma3(tokenizer):
     return processor, config
 
 
+GEMMA4_VISION = ("<|image>", "<image|>", "<|image|>", "<|video|>")
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}"
+    + message_loop("<|image|>", turn_open="<|turn>", turn_close="<turn|>\n", role_names={"assistant": "model"})
+    + "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+GEMMA4_TOKENS = TokenSpec(
+    specials=("<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", *GEMMA4_VISION, "<|audio>", "<audio|>",
+              "<|audio|>"),
+    eos="<eos>", pad="<pad>", bos="<bos>", stop=("<turn|>",), vision=GEMMA4_VISION,
+    named={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+           "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
+           "sot_token": "<|turn>", "eot_token": "<turn|>"},
+    chat_template=GEMMA4_TEMPLATE,
+)
+
+# 4 px patches pooled 2x2; 70 soft tokens (the smallest budget the processor allows) cap an image at 280
+# patches, e.g. 64x64 px -> 16x16 patches -> 64 soft tokens.
+GEMMA4_PATCH = 4
+GEMMA4_POOL = 2
+GEMMA4_SOFT_TOKENS = 70
+
+
+def assemble_gemma4(tokenizer):
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    pixels = dict(patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL, max_soft_tokens=GEMMA4_SOFT_TOKENS)
+    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                                image_processor=Gemma4ImageProcessor(**pixels), tokenizer=tokenizer,
+                                video_processor=Gemma4VideoProcessor(**pixels), chat_template=GEMMA4_TEMPLATE,
+                                image_seq_length=GEMMA4_SOFT_TOKENS)
+    text = _gemma_text(tokenizer)
+    text.pop("query_pre_attn_scalar")
+    text.update(global_head_dim=HEAD_DIM, hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=GEMMA4_PATCH,
+                           pooling_kernel_size=GEMMA4_POOL, position_embedding_size=256),
+        boi_token_id=ids("<|image>"), eoi_token_id=ids("<image|>"), image_token_id=ids("<|image|>"),
+        video_token_id=ids("<|video|>"), boa_token_id=ids("<|audio>"), eoa_token_index=ids("<audio|>"),
+        audio_token_id=ids("<|audio|>"), tie_word_embeddings=True,
+    )
+    return processor, config
+
+
 FAMILIES = (
     Family("gemma3", GEMMA3_TOKENS, assemble_gemma3, "Gemma3ForConditionalGeneration"),
+    Family("gemma4", GEMMA4_TOKENS, assemble_gemma4, "Gemma4ForConditionalGeneration"),
 )
