@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response
-from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, vision_token_ids
+from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
 
 # Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
 _FULL_HASH_LIMIT = 256 * 2**20
@@ -26,8 +26,9 @@ class HFBackend:
 
             torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
-        self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
+        self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
         self._fingerprint: str | None = None
+        self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -40,8 +41,12 @@ class HFBackend:
         try:
             return self._generate_batch(requests, gen)
         except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
+                return [Response("", error=cause)]
+            self.batch_splits += 1
+            say_once(f"hf-split:{id(self)}", f"a batch of {len(requests)} requests failed ({cause}); its requests "
+                     "are retried one at a time to isolate the failing one (slower; run.json counts such splits)")
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
