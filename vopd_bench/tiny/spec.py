@@ -36,8 +36,8 @@ class TokenSpec:
             raise ValueError(f"tokens used but not declared special: {missing}")
 
 
-# The text model every family shares (the vision towers differ too much to share one shape): about 0.2M
-# parameters in the decoder layers, so that a 2-step distill on every family stays within CI's budget.
+# The text model every family shares (the vision towers differ too much to share one shape). Whole models come
+# to 0.13-0.27M parameters, so that gap-report and a 2-step distill on every family fit CI's budget.
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
 TEXT_HEADS = 4
