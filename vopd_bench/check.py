@@ -5,12 +5,12 @@ It loads the model once for gap-report and once per distill run, on tiny workloa
     load              the model and its processor load through AutoModelForImageTextToText / AutoProcessor
     gap-report        2 samples of synthetic:test, every view, batched (batch size 2): no per-sample error, no
                       batch that had to be split
-    distill full      one step of full fine-tuning on 2 prompts × 2 rollouts, 4 new tokens: finite loss and gradient
-    distill LoRA      the same with a LoRA adapter
     vLLM requests     each rollout request (chat text + image) re-encodes to exactly the trainer's prompt ids, and
                       every banned vision token is one token (what vLLM's checks and `bad_words` need)
     vision fast path  the image once per prompt for all its rollouts gives the same hidden states as the plain path
                       ("not available" is not a failure: the plain path is used, and said so)
+    distill full      one step of full fine-tuning on 2 prompts × 2 rollouts, 4 new tokens: finite loss and gradient
+    distill LoRA      the same with a LoRA adapter
 
 Each capability is one line: `ok`, or the first line of the reason.
 """
@@ -27,7 +27,7 @@ from typing import Any
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import first_line
 
-CAPABILITIES = ("load", "gap-report", "distill full", "distill LoRA", "vLLM requests", "vision fast path")
+CAPABILITIES = ("load", "gap-report", "vLLM requests", "vision fast path", "distill full", "distill LoRA")
 
 
 @dataclass(frozen=True)
