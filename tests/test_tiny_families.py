@@ -136,3 +136,24 @@ def test_an_unknown_family_names_the_valid_ones(tmp_path):
         build_tiny("llama-vision", tmp_path)
     with pytest.raises(VopdError, match="gemma4"):
         tiny_vision_tokens("gemma5")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_next_token_depends_on_the_image_and_is_not_uniform(family, tiny_family_dir, one_thread):  # noqa: F811
+    """A test model must see its image (else a dropped image goes unnoticed) and prefer some answers (else a
+    distillation step has nothing to move)."""
+    import math
+
+    import torch
+
+    processor, model = _load(tiny_family_dir(family))
+    prompt = _chat(processor, True, "What colour is it?")
+    red, noise = Image.new("RGB", (64, 64), (255, 0, 0)), Image.effect_noise((64, 64), 80).convert("RGB")
+    inputs = processor(text=[prompt, prompt], images=[[red], [noise]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logp = model(**inputs).logits[:, -1].float().log_softmax(-1)
+    p = logp[0].exp()
+    kl = float((p * (logp[0] - logp[1])).sum())
+    entropy = float(-(p * logp[0]).sum())
+    assert kl > 0.01
+    assert 0.5 < entropy < math.log(logp.shape[-1]) - 0.5
