@@ -13,6 +13,8 @@ travel with their sequence. A family entry says only:
   `attention_mask` are handled by the input layer);
 - `vision_pad`: the value a vision tensor is padded with when prompts of different sizes share a batch, where
   it is not 0 (the processors' own convention: zero pixels, zero masks);
+- `extra_vision_tokens`: media tokens that the generic derivation (`vopd_bench.modeling.vision_token_ids`)
+  cannot see from the config or from encoding one small image;
 - `note`: the family's quirk, in one line, for `vopd check` and the README.
 
 A model type that is not listed here goes through the same generic plain path (`GENERIC`).
@@ -20,6 +22,7 @@ A model type that is not listed here goes through the same generic plain path (`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,12 @@ def _qwen_image_features(base: Any, vision: Mapping[str, Tensor]) -> Any:
     return base.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
 
 
+def _idefics3_tile_tokens(tokenizer: Any) -> set[int]:
+    """Idefics3 names each image split by its grid cell (`<row_1_col_2>`): added tokens that appear in a prompt
+    only when an image is large enough to be split, so encoding one small image does not reveal them."""
+    return {i for t, i in tokenizer.get_added_vocab().items() if re.fullmatch(r"<row_\d+_col_\d+>", t)}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -43,6 +52,7 @@ class Family:
     tower_inputs: tuple[str, ...] = ("pixel_values",)
     text_values: Mapping[str, int] = field(default_factory=dict)
     vision_pad: Mapping[str, float] = field(default_factory=dict)
+    extra_vision_tokens: Callable[[Any], set[int]] | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -72,7 +82,8 @@ INTERNVL = Family(
 IDEFICS3 = Family(
     "idefics3", ("idefics3", "smolvlm"),
     "pixel_values hold each prompt's image splits padded with all-zero images, which the model drops; "
-    "pixel_attention_mask marks the valid pixels",
+    "pixel_attention_mask marks the valid pixels; each split is tagged by a <row_i_col_j> token",
+    extra_vision_tokens=_idefics3_tile_tokens,
 )
 FAMILIES: tuple[Family, ...] = (QWEN_VL, GEMMA, LLAVA_ONEVISION, INTERNVL, IDEFICS3)
 GENERIC = Family("generic", (), "the generic path: the processor's outputs as they are, images re-encoded per sequence")

@@ -110,7 +110,8 @@ def vision_token_ids(processor: Any, config: Any = None) -> list[int]:
     Derived, not listed: (1) the config's image/video/vision token ids (`image_token_id`, `boi_token_index`, …);
     (2) the processor's and tokenizer's named media tokens (`image_token`, `start_image_token`, `fake_image_token`,
     `global_image_tag`, …); (3) every added/special token the processor inserts when it expands an image, found
-    by encoding one small image. End-of-sequence and padding ids are never included.
+    by encoding one small image; (4) what the model's family adds (`vopd_bench.families`). End-of-sequence and
+    padding ids are never included.
     """
     tok = getattr(processor, "tokenizer", processor)
     ids: set[int] = set()
@@ -124,6 +125,11 @@ def vision_token_ids(processor: Any, config: Any = None) -> list[int]:
               if v is not None and _MEDIA_NAME.search(k)]  # multimodal tokenizers' named tokens (image_token, …)
     ids.update(_single_token_id(tok, t) for t in named)
     ids.update(_image_expansion_ids(processor, tok))
+    from vopd_bench.families import family_of
+
+    extra = family_of(config).extra_vision_tokens
+    if extra is not None:
+        ids.update(extra(tok))
     return sorted({i for i in ids if isinstance(i, int) and i >= 0} - _never_banned(tok, config))
 
 
