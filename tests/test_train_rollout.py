@@ -141,3 +141,35 @@ def test_shared_image_features_sample_the_same_rollouts(tiny, prompts, monkeypat
     plain = engine.generate(prompts, settings)
     assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
     assert len({tuple(r.token_ids) for r in shared}) > 1  # and they are samples, not one repeated answer
+
+
+def test_a_model_whose_forward_fails_says_why_in_one_line(tiny, prompts, monkeypatch):
+    """A model outside the standard API fails the run with one line naming it, never a traceback."""
+    from vopd_bench.errors import VopdError
+    from vopd_train.rollout import backbone
+
+    model, _ = tiny
+    batch = build_sequences(prompts, [[40, 41]], [0], pad_id=0)
+
+    def refuses(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'mm_token_type_ids'\nTraceback: ...")
+
+    monkeypatch.setattr(backbone(model), "forward", refuses)
+    with pytest.raises(VopdError) as err:
+        response_hidden(model, batch)
+    assert str(err.value) == ("qwen2_vl models cannot score sequences in vopd distill (TypeError: forward() got an "
+                              "unexpected keyword argument 'mm_token_type_ids')")
+
+
+def test_a_processor_that_fails_says_why_in_one_line():
+    from vopd_bench.errors import VopdError
+
+    class Broken:
+        def apply_chat_template(self, *args, **kwargs):
+            return "<image> hi"
+
+        def __call__(self, **kwargs):
+            raise KeyError("images")
+
+    with pytest.raises(VopdError, match=r"^Broken cannot encode its prompts in vopd distill \(KeyError: 'images'\)$"):
+        encode_prompts(Broken(), [Image.new("RGB", (8, 8))], ["hi"])

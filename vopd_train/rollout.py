@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vopd_bench.errors import VopdError
 from vopd_bench.families import GENERIC, Family, family_of
-from vopd_bench.modeling import chat_text, encode, say_once, vision_token_ids
+from vopd_bench.modeling import chat_text, encode, first_line, say_once, vision_token_ids
 
 
 @dataclass
@@ -54,7 +55,15 @@ class EncodedPrompt:
 def encode_prompts(processor: Any, images: Sequence[Image.Image], texts: Sequence[str]) -> list[EncodedPrompt]:
     """One processor call per prompt, so each prompt owns exactly the tensors the processor makes for it (no
     batch padding to undo, no family-specific rule for splitting a batch's pixels)."""
-    return [encode_one(processor, image, text) for image, text in zip(images, texts, strict=True)]
+    try:
+        return [encode_one(processor, image, text) for image, text in zip(images, texts, strict=True)]
+    except Exception as e:  # noqa: BLE001 - a processor outside the standard API: one line, no traceback
+        raise unsupported(type(processor).__name__, "encode its prompts", e) from e
+
+
+def unsupported(model: str, what: str, e: BaseException) -> VopdError:
+    """The run-level error when a model's own code cannot do what training needs: which model, what, and why."""
+    return VopdError(f"{model} cannot {what} in vopd distill ({type(e).__name__}: {first_line(e)})")
 
 
 def encode_one(processor: Any, image: Image.Image, text: str) -> EncodedPrompt:
@@ -179,6 +188,8 @@ class HFRolloutEngine:
                 out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
                                           top_p=1.0, max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise unsupported(_model_name(self.model), "sample rollouts", e) from e
         finally:
             self.model.train(was_training)
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
@@ -282,6 +293,11 @@ def model_family(model: Any) -> Family:
     return family_of(_config(model))
 
 
+def _model_name(model: Any) -> str:
+    config = _config(model)
+    return f"{getattr(config, 'model_type', None) or type(model).__name__} models"
+
+
 def _config(model: Any) -> Any:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(hf, "config", None)
@@ -331,7 +347,10 @@ def response_hidden(model: Any, batch: SeqBatch, vision_once: bool = True) -> Te
             if vision_once and len(batch.seq_prompt) > len(batch.prompt_vision):
                 _say_no_vision_once(family)
             kwargs.update(batch.vision())
-        hidden = base(**kwargs).last_hidden_state
+        try:
+            hidden = base(**kwargs).last_hidden_state
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise unsupported(_model_name(model), "score sequences", e) from e
     return hidden[batch.rows, batch.pos]
 
 
