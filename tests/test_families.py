@@ -76,6 +76,20 @@ def test_batched_scoring_equals_one_unpadded_forward_per_sequence(fam):
             torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_rollouts_are_the_same_with_and_without_the_vision_once_path(fam, monkeypatch):
+    """Qwen families: n rollouts sharing one vision-tower pass sample what the plain path (pixels repeated n
+    times) samples under the same seed. Other families take the plain path both times."""
+    engine = HFRolloutEngine(fam.model, fam.processor)
+    settings = SamplingSettings(n=3, max_new_tokens=4)
+    torch.manual_seed(3)
+    shared = engine.generate(fam.prompts, settings)
+    monkeypatch.setattr("vopd_train.rollout._generate_accepts_encoder_outputs", lambda m: False)
+    torch.manual_seed(3)
+    plain = engine.generate(fam.prompts, settings)
+    assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
+    assert [r.prompt_index for r in shared] == [0, 0, 0, 1, 1, 1]
+
+
 def test_vision_tokens_are_derived_and_never_sampled(fam):
     """The banned ids hold every token the family's processor uses for images (the builder's own list, an
     independent source) and never an end-of-sequence id. Made by far the likeliest, none is ever sampled."""
@@ -112,11 +126,38 @@ def test_vllm_request_reencodes_to_the_trainers_prompt(fam):
         assert again.tolist() == prompt.input_ids.tolist()
 
 
-def test_gap_report_is_batched_without_errors(fam, tmp_path):
+@pytest.fixture(scope="module")
+def distilled(fam, tmp_path_factory):
+    """`vopd distill` for 1 step, then the same command for 2 steps (a resume), as a user would run it."""
+    from typer.testing import CliRunner
+
+    from vopd_train.cli import app
+
+    out = tmp_path_factory.mktemp(f"distill-{fam.name}")
+    args = ["distill", str(fam.path), "--data", "synthetic:train", "--batch-size", "2", "--n-rollouts", "2",
+            "--max-new-tokens", "4", "--no-remeasure", "--out", str(out), "--data-limit", "4", "--save-every", "1",
+            "--threads", "1", "--quiet"]
+    runs = [CliRunner().invoke(app, [*args, "--steps", str(steps)]) for steps in (1, 2)]
+    return SimpleNamespace(out=out, runs=runs)
+
+
+def test_distill_two_steps_with_resume(distilled):
+    first, second = distilled.runs
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "resuming" in second.output
+    log = [json.loads(line) for line in (distilled.out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2] and all(row["tokens"] > 0 for row in log)
+
+
+def test_the_distilled_model_runs_a_batched_gap_report_without_errors(fam, distilled, tmp_path):
+    """gap-report --limit 6 on the distilled model: it loads back, and every batch (one per view) goes through
+    whole, with no per-sample error."""
     from vopd_bench.backends.hf import HFBackend
     from vopd_bench.runner import GapReportConfig, run_gap_report
 
-    backend = HFBackend(str(fam.path), batch_size=6, threads=1)
+    model_dir = distilled.out / "model"
+    backend = HFBackend(str(model_dir), batch_size=6, threads=1)
     sizes = []
     inner = backend._generate_batch
 
@@ -125,34 +166,9 @@ def test_gap_report_is_batched_without_errors(fam, tmp_path):
         return inner(requests, gen)
 
     backend._generate_batch = counted
-    cfg = GapReportConfig(model=str(fam.path), benchmarks=["synthetic:test"], limit=6, batch_size=6,
+    cfg = GapReportConfig(model=str(model_dir), benchmarks=["synthetic:test"], limit=6, batch_size=6,
                           max_new_tokens=4, out=str(tmp_path / "gap"), quiet=True)
     result = run_gap_report(cfg, backend=backend)
     assert len(result.records) == 18 and all(r.error is None for r in result.records)
     assert sizes == [6, 6, 6]  # one batch per view, never split
     assert json.loads((tmp_path / "gap" / "run.json").read_text())["batch_splits"] == 0
-
-
-def test_distill_two_steps_resumes_and_the_result_loads(fam, tmp_path):
-    from typer.testing import CliRunner
-
-    from vopd_bench.backends.base import GenerationConfig, Request
-    from vopd_bench.backends.hf import HFBackend
-    from vopd_train.cli import app
-
-    out = tmp_path / "run"
-    args = ["distill", str(fam.path), "--data", "synthetic:train", "--batch-size", "2", "--n-rollouts", "2",
-            "--max-new-tokens", "4", "--no-remeasure", "--out", str(out), "--data-limit", "4", "--save-every", "1",
-            "--threads", "1", "--quiet"]
-    first = CliRunner().invoke(app, [*args, "--steps", "1"])
-    assert first.exit_code == 0, first.output
-    second = CliRunner().invoke(app, [*args, "--steps", "2"])
-    assert second.exit_code == 0, second.output
-    assert "resuming" in second.output
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [1, 2] and all(row["tokens"] > 0 for row in log)
-    backend = HFBackend(str(out / "model"), threads=1)
-    image = Image.new("RGB", (96, 96), (10, 120, 200))
-    answers = backend.generate([Request("a", image, "What colour?"), Request("b", image, "What shape?")],
-                               GenerationConfig(max_new_tokens=3))
-    assert [a.error for a in answers] == [None, None] and backend.batch_splits == 0
