@@ -157,3 +157,26 @@ def test_the_next_token_depends_on_the_image_and_is_not_uniform(family, tiny_fam
     entropy = float(-(p * logp[0]).sum())
     assert kl > 0.01
     assert 0.5 < entropy < math.log(logp.shape[-1]) - 0.5
+
+
+# One family per processor (the five Qwen families share one); all ten passed when this was written.
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "gemma3", "gemma4", "llava-onevision", "internvl", "idefics3"])
+def test_the_released_checkpoint_layout_special_tokens_last_and_a_padded_vocab(family, tmp_path, one_thread):
+    import torch
+
+    path = build_tiny(family, tmp_path, specials_last=True, extra_vocab=13)
+    processor, model = _load(path)
+    tok = processor.tokenizer
+    special = {tok.convert_tokens_to_ids(t) for t in tok.added_tokens_encoder} | set(tok.all_special_ids)
+    vision = {tok.convert_tokens_to_ids(t) for t in tiny_vision_tokens(family)}
+    ordinary = set(tok.get_vocab().values()) - special
+    assert min(vision) > max(ordinary)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) + 13
+
+    prompt = _chat(processor, True, "What colour is it?")
+    square = Image.new("RGB", (64, 64), (200, 30, 30))
+    inputs = processor(text=[prompt, prompt + " "], images=[[square], [square]], return_tensors="pt", padding=True)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [EXPECTED[family][2]] * 2
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == 2

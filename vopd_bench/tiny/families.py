@@ -32,16 +32,24 @@ def tiny_vision_tokens(name: str) -> tuple[str, ...]:
     return family(name).tokens.vision
 
 
-def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0, specials_last: bool = False,
+               extra_vocab: int = 0) -> Path:
     """Save a tiny random `name` checkpoint (weights, config, generation config, tokenizer, processor and chat
     template) to `out_dir`, loadable offline by `AutoProcessor` and `AutoModelForImageTextToText`. The same
-    family and seed give the same weights."""
+    arguments give the same weights.
+
+    Two layouts that released checkpoints have, for testing code against them: `specials_last` gives the special
+    tokens the highest ids instead of the lowest; `extra_vocab` makes the model's vocabulary that many rows
+    larger than the tokenizer's (as Qwen's 151936 rows for 151665 tokens), ids no text decodes to.
+    """
     import torch
     import transformers
 
     fam = family(name)
-    tokenizer = make_tokenizer(fam.tokens)
+    tokenizer = make_tokenizer(fam.tokens, specials_last=specials_last)
     processor, config = fam.assemble(tokenizer)
+    if extra_vocab:
+        _set_vocab_size(config, len(tokenizer) + extra_vocab)
     for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         if sub is not None and hasattr(sub, "initializer_range"):
             sub.initializer_range = INIT_STD
@@ -69,3 +77,14 @@ def _redraw_zero_matrices(model) -> None:
         for param in model.parameters():
             if param.dim() >= 2 and not param.any():
                 param.normal_(0.0, INIT_STD)
+
+
+def _set_vocab_size(config, size: int) -> None:
+    # The text config holds the embedding size; some families keep a copy at the top level, and Gemma 4 a
+    # second table of per-layer embeddings over the same ids.
+    text = config.get_text_config()
+    text.vocab_size = size
+    if getattr(text, "vocab_size_per_layer_input", None):
+        text.vocab_size_per_layer_input = size
+    if config is not text and getattr(config, "vocab_size", None) is not None:
+        config.vocab_size = size

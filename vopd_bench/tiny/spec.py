@@ -57,18 +57,24 @@ class Family:
     model_class: str
 
 
-def make_tokenizer(spec: TokenSpec, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384):
-    """A `TokenizersBackend` trained on `corpus`: deterministic, no downloads, every special token atomic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(spec: TokenSpec, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384, *,
+                   specials_last: bool = False):
+    """A `TokenizersBackend` trained on `corpus`: deterministic, no downloads, every special token atomic.
+
+    Special tokens take the lowest ids, or with `specials_last` the ids after the learned vocabulary (as in
+    most released checkpoints, whose image tokens sit at the top of the id range)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=max(vocab_size, 256 + len(spec.specials)),
-                                  special_tokens=list(spec.specials),
+                                  special_tokens=[] if specials_last else list(spec.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(corpus), trainer)
+    if specials_last:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=spec.eos, pad_token=spec.pad, bos_token=spec.bos,
         extra_special_tokens=dict(spec.named), chat_template=spec.chat_template, padding_side="left",
