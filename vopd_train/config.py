@@ -95,6 +95,11 @@ class DistillConfig:
     lora_rank: int = _opt(16, "LoRA rank.")
     lora_alpha: int = _opt(32, "LoRA scaling alpha.")
     lora_targets: str = _opt("all-linear", "Modules that get an adapter: `all-linear` or comma-separated names.")
+    prefix_sharing: bool = _opt(True, "Run each prompt's image and question once through the language model and "
+                                      "its n responses against that cache, for teacher and student (2·(P+n·R) "
+                                      "tokens instead of 2·n·(P+R)); same losses and gradients. Families not yet "
+                                      "proven exact (all but Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) fall back to "
+                                      "the plain path and say so once.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     device: str = _opt("auto", "Device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = _opt("float32", "Weight dtype: float32 (master weights; bf16 autocast on a GPU) or bfloat16.")

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd_train.rollout import SeqBatch, head_fn, response_hidden
+from vopd_train.prefix import scored_hidden
+from vopd_train.rollout import SeqBatch, head_fn
 
 
 class Teacher:
     kind: str = ""
     trust_region_rate: float | None = None
 
-    def hidden(self, batch: SeqBatch) -> Tensor:
+    def hidden(self, batch: SeqBatch, share_prefix: bool = False) -> Tensor:
         with torch.no_grad(), self._weights():
-            return response_hidden(self._model(), batch)
+            return scored_hidden(self._model(), batch, share_prefix)
 
     def head(self, h: Tensor) -> Tensor:
         with torch.no_grad(), self._weights():

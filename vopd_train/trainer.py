@@ -35,6 +35,7 @@ from vopd_train import checkpoint
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
 from vopd_train.data import PromptSet, batch_indices, load_prompts
 from vopd_train.losses import chunked_divergence, importance_weight, token_weights
+from vopd_train.prefix import scored_hidden
 from vopd_train.rollout import (
     EncodedPrompt,
     HFRolloutEngine,
@@ -44,7 +45,6 @@ from vopd_train.rollout import (
     encode_prompts,
     head_fn,
     model_family,
-    response_hidden,
 )
 from vopd_train.teachers import Teacher, make_teacher
 
@@ -292,13 +292,13 @@ class Distiller:
         t = time.perf_counter()
         family = model_family(self.model)
         teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
-        teacher_hidden = self.teacher.hidden(teacher_batch)
+        teacher_hidden = self.teacher.hidden(teacher_batch, cfg.prefix_sharing)
         _sync(self.device)
         acc["t_teacher"] += time.perf_counter() - t
 
         t = time.perf_counter()
         student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
-        student_hidden = response_hidden(self.model, student_batch)
+        student_hidden = scored_hidden(self.model, student_batch, cfg.prefix_sharing)
         out = chunked_divergence(
             student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
             alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
