@@ -1,0 +1,144 @@
+"""Prefix sharing is exact: per-token losses, every trainable gradient, and the weights after three optimizer
+steps equal the plain path's (one full forward per response), in float32, on tiny checkpoints of every family
+in `SHARED_MODEL_TYPES`; other families fall back to the plain path and say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from test_train_loop import tiny_cfg
+from tiny_fixtures import tiny_family_dir  # noqa: F401
+
+from vopd_bench.modeling import load_model
+from vopd_train.losses import chunked_divergence
+from vopd_train.prefix import SHARED_MODEL_TYPES, scored_hidden, shared_prefix_hidden
+from vopd_train.rollout import Rollout, build_sequences, encode_prompts, head_fn, response_hidden
+from vopd_train.trainer import Distiller
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 3 + 2 responses of different lengths (one of a single token) over two prompts of different lengths
+RESPONSE_LENGTHS = (5, 3, 7, 1, 4)
+OWNER = [0, 0, 0, 1, 1]
+
+
+def _model_dir(family: str, tiny_model_dir, tiny_family_dir):  # noqa: F811
+    return tiny_model_dir if family == "qwen2-vl" else tiny_family_dir(family)
+
+
+def _prompts(processor, colours):
+    images = [Image.new("RGB", (224, 224), colours[0]), Image.new("RGB", (120, 60), colours[1])]
+    return encode_prompts(processor, images, ["What colour is it?", "What shape is the red object? (A) circle"])
+
+
+def _losses_and_grads(model, student, teacher, share: bool):
+    """One micro-batch as the trainer runs it: teacher scores without gradient, student with, per-token
+    divergence, backward of its sum."""
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t_hidden = scored_hidden(model, teacher, share)
+    s_hidden = scored_hidden(model, student, share)
+    out = chunked_divergence(s_hidden, t_hidden, head_fn(model), head_fn(model), student.targets, alpha=0.5,
+                             topk=20, add_tail=True, objective="logits", temperature=1.0, trust_region_rate=None,
+                             chunk_size=7)
+    out.loss.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"])
+def test_shared_prefix_losses_and_gradients_equal_the_plain_path(family, tiny_model_dir, tiny_family_dir):  # noqa: F811
+    model, processor = load_model(str(_model_dir(family, tiny_model_dir, tiny_family_dir)), device="cpu",
+                                  dtype="float32")
+    assert model.config.model_type in SHARED_MODEL_TYPES
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.randint(20, 300, (n,), generator=g).tolist() for n in RESPONSE_LENGTHS]
+    student = build_sequences(_prompts(processor, [(200, 30, 30), (30, 200, 30)]), responses, OWNER, 0)
+    teacher = build_sequences(_prompts(processor, [(20, 30, 200), (90, 90, 9)]), responses, OWNER, 0)
+
+    plain, plain_grads = _losses_and_grads(model, student, teacher, share=False)
+    shared, shared_grads = _losses_and_grads(model, student, teacher, share=True)
+
+    assert shared.loss.shape == (sum(RESPONSE_LENGTHS),) and plain.loss.abs().min() > 0
+    for field in ("student_logp", "teacher_logp"):
+        torch.testing.assert_close(getattr(shared, field), getattr(plain, field), rtol=1e-5, atol=0)
+    # A divergence is a difference of log-probabilities of size ~5 that nearly cancel (the tiny models' views
+    # barely differ: losses ~1e-3): float32 rounding of those terms (~5·2⁻²³ ≈ 6e-7) is the floor of its
+    # absolute error, so the smallest losses are held to 1e-6 nats rather than 1e-5 of themselves.
+    torch.testing.assert_close(shared.loss.detach(), plain.loss.detach(), rtol=1e-5, atol=1e-6)
+    assert set(shared_grads) == set(plain_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, want in plain_grads.items():
+        err = (shared_grads[name] - want).norm() / want.norm()
+        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_prefix_runs_once_per_prompt(tiny_model_dir, monkeypatch):
+    """The language model sees each prefix once: two prompts, five responses → four forwards (prefix, then
+    responses, per prompt), whose token count is P₀ + P₁ + Σ padded response widths, not Σ (P + R)."""
+    model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    prompts = _prompts(processor, [(200, 30, 30), (30, 200, 30)])
+    batch = build_sequences(prompts, [[40] * n for n in RESPONSE_LENGTHS], OWNER, 0)
+    lm = model.model.language_model
+    seen: list[tuple[int, ...]] = []
+    monkeypatch.setattr(lm, "forward", _recording(lm.forward, seen))
+    with torch.no_grad():
+        shared_prefix_hidden(model, batch)
+    p0, p1 = len(prompts[0]), len(prompts[1])
+    assert seen == [(1, p0), (3, 7), (1, p1), (2, 4)]
+
+
+def _recording(forward, seen):
+    def wrapped(*args, **kwargs):
+        seen.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+        return forward(*args, **kwargs)
+
+    return wrapped
+
+
+def test_an_unproven_family_falls_back_and_says_so_once(tiny_family_dir, capsys):  # noqa: F811
+    model, processor = load_model(str(tiny_family_dir("gemma3")), device="cpu", dtype="float32")
+    images = [Image.new("RGB", (64, 64), (200, 30, 30))]
+    prompts = encode_prompts(processor, images, ["What colour is it?"])
+    batch = build_sequences(prompts, [[40, 41], [42]], [0, 0], 0)
+    with torch.no_grad():
+        got = [scored_hidden(model, batch, share=True) for _ in range(2)]
+        want = response_hidden(model, batch)
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    err = capsys.readouterr().err
+    assert err.count("prefix sharing is proven only for") == 1 and "gemma3" in err
+
+
+class FixedEngine:
+    """Deterministic rollouts of several lengths, so both runs train on exactly the same tokens."""
+
+    def generate(self, prompts, settings):
+        return [Rollout(i, [40 + j, 41, 42, 43, 44][: 1 + (i + j) % 5]) for i in range(len(prompts))
+                for j in range(settings.n)]
+
+    def sync_weights(self, model):
+        return None
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_three_steps_end_with_the_same_weights(tiny_model_dir, tmp_path, lora):
+    runs = {}
+    for share in (True, False):
+        cfg = tiny_cfg(tiny_model_dir, tmp_path / f"run-{share}", steps=3, n_rollouts=4, micro_batch_size=8,
+                       lora=lora, lora_rank=4, prefix_sharing=share)
+        d = Distiller(cfg, engine=FixedEngine())
+        logs = [d.train_step(k) for k in range(3)]
+        runs[share] = ([s.divergence for s in logs],
+                       {n: p.detach().clone() for n, p in d.model.named_parameters() if p.requires_grad})
+    (div_on, w_on), (div_off, w_off) = runs[True], runs[False]
+    assert div_off[0] > 0
+    torch.testing.assert_close(torch.tensor(div_on), torch.tensor(div_off), rtol=1e-4, atol=0)
+    assert set(w_on) == set(w_off)
+    start = Distiller(tiny_cfg(tiny_model_dir, tmp_path / "start", lora=lora, lora_rank=4), engine=FixedEngine())
+    start_w = {n: p for n, p in start.model.named_parameters() if p.requires_grad}
+    moved = 0
+    for name, want in w_off.items():
+        torch.testing.assert_close(w_on[name], want, rtol=1e-4, atol=1e-4)
+        moved += not torch.equal(want, start_w[name])
+    assert moved > 0
