@@ -237,7 +237,8 @@ def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm, tiny, pr
 
     assert kwargs == {"model": str(TOY_DIR), "dtype": "bfloat16", "seed": 5, "gpu_memory_utilization": 0.3,
                       "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
-                      "logprobs_mode": "processed_logprobs", "enable_sleep_mode": True, "enforce_eager": True,
+                      "logprobs_mode": "processed_logprobs", "enable_sleep_mode": True, "enable_prefix_caching": True,
+                      "enforce_eager": True,
                       "max_model_len": 2048}
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # so that the model is reachable for the sync
     with pytest.raises(VopdError, match="utilization"):

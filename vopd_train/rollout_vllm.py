@@ -79,6 +79,7 @@ class VLLMRolloutEngine:
             # the log-probs of the distribution actually sampled from (after the temperature), as the trainer's
             "logprobs_mode": "processed_logprobs",
             "enable_sleep_mode": enable_sleep_mode,
+            "enable_prefix_caching": True,  # a prompt's n samples prefill once (cache reset on every weight load)
             **engine_kwargs,
         }
         if max_model_len is not None:
