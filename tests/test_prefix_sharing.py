@@ -12,7 +12,7 @@ from tiny_fixtures import tiny_family_dir  # noqa: F401
 
 from vopd_bench.modeling import load_model
 from vopd_train.losses import chunked_divergence
-from vopd_train.prefix import SHARED_MODEL_TYPES, scored_hidden, shared_prefix_hidden
+from vopd_train.prefix import SHARED_MODEL_TYPES, scored_hidden, shared_prefix_hidden, why_not_shared
 from vopd_train.rollout import Rollout, build_sequences, encode_prompts, head_fn, response_hidden
 from vopd_train.trainer import Distiller
 
@@ -142,3 +142,11 @@ def test_three_steps_end_with_the_same_weights(tiny_model_dir, tmp_path, lora):
         torch.testing.assert_close(w_on[name], want, rtol=1e-4, atol=1e-4)
         moved += not torch.equal(want, start_w[name])
     assert moved > 0
+
+
+def test_gradient_checkpointing_turns_sharing_off(tiny_model_dir):
+    """Checkpointed layers run without a cache in training, so there is no prefix to share."""
+    model, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert why_not_shared(model) is None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert "gradient checkpointing" in why_not_shared(model)

@@ -42,7 +42,7 @@ def why_not_shared(model: Any) -> str | None:
     if model_type not in SHARED_MODEL_TYPES:
         return (f"prefix sharing is proven only for {', '.join(sorted(SHARED_MODEL_TYPES))}, not {model_type} "
                 "(its positions or attention masks are not yet checked against the plain path)")
-    if getattr(backbone(model), "is_gradient_checkpointing", False):
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone(model).modules()):
         return "gradient checkpointing disables the cache that prefix sharing runs on"
     return None
 
