@@ -378,8 +378,11 @@ class OpenAIBackend:
         return self.client.base_url
 
     def fingerprint(self) -> str:
-        """The server and model name, plus the weights the server says it loaded (`root`, as vLLM reports it)."""
-        fp = f"openai:{self.base_url}:{self.model_name}"
+        """The served model: its name plus the weights the server says it loaded (`root`, as vLLM reports it).
+        Not the URL: a server restarted on another port or host serves the same answers, so its records resume;
+        another model under the same name has another `root` and never does. A server that lists no models
+        leaves only the name."""
+        fp = f"openai:{self.model_name}"
         root = self.server_model.get("root")
         if isinstance(root, str) and root and root != self.model_name:
             fp += f":{root}"
