@@ -180,7 +180,12 @@ def write_mme_realworld(root: Path) -> Path:
     cn = [{"index": 0, "question": "图中公交车上的数字是多少？", "multi-choice options":
            ["(A) 13", "(B) 14", "(C) 15", "(D) 16", "(E) 图像中没有显示该数字。"], "answer": "A",
            "category": "Perception/OCR with Complex Context", "l2-category": "text recognition/license",
-           "bytes": b64((300, 200), (7, 8, 9))}]
+           "bytes": b64((300, 200), (7, 8, 9))},
+          # full-width brackets, as some CN rows have them
+          {"index": 1, "question": "路牌是什么颜色？", "multi-choice options":
+           ["（A）红色", "（B） 蓝色", "(C) 绿色", "（D）白色", "（E）图像中没有显示路牌。"], "answer": "B",
+           "category": "Perception/OCR with Complex Context", "l2-category": "text recognition/sign",
+           "bytes": b64((300, 200), (9, 8, 7))}]
     lite = [{**en[1], "index": 7}]
     for folder, rows in (("MME-RealWorld-Lmms-eval", en), ("MME-RealWorld-CN-Lmms-eval", cn),
                          ("MME-RealWorld-lite-lmms-eval", lite)):
@@ -220,11 +225,14 @@ def write_mmvp(root: Path) -> Path:
     return repo
 
 
-def write_cvbench(root: Path) -> Path:
-    """nyu-visionx/CV-Bench: test_2d.parquet and test_3d.parquet with HF Image structs."""
-    repo = root / "CV-Bench"
+def write_cvbench(root: Path, drop: str | None = None) -> Path:
+    """nyu-visionx/CV-Bench: test_2d.parquet and test_3d.parquet with HF Image structs. `drop` leaves one text
+    column out ("question" or "prompt"), in a copy named CV-Bench-no-<drop>."""
+    repo = root / ("CV-Bench" if drop is None else f"CV-Bench-no-{drop}")
     q2 = "How many cars are in the image?"
-    write_hf_parquet(repo / "test_2d.parquet", {
+    write = write_hf_parquet if drop is None else (
+        lambda path, cols: write_hf_parquet(path, {k: v for k, v in cols.items() if k != drop}))
+    write(repo / "test_2d.parquet", {
         "idx": [0, 1], "type": ["2D", "2D"], "task": ["Count", "Relation"],
         "image": [hf_image((64, 48), (9, 9, 9)), hf_image((64, 48), (19, 9, 9))],
         "question": [q2, "Considering the relative positions of the lamp and the sofa, where is the lamp?"],
@@ -236,7 +244,7 @@ def write_cvbench(root: Path) -> Path:
         "source": ["COCO", "ADE20K"], "source_dataset": ["COCO 2017 Validation", "ADE20K Validation"],
         "source_filename": ["1.jpg", "2.jpg"], "target_class": ["car", None], "target_size": [1200, None],
     })
-    write_hf_parquet(repo / "test_3d.parquet", {
+    write(repo / "test_3d.parquet", {
         "idx": [0], "type": ["3D"], "task": ["Depth"], "image": [hf_image((64, 48), (29, 9, 9))],
         "question": ["Which is closer to the camera, the sink (highlighted by a red box) or the towel (highlighted by "
                      "a blue box)?"],

@@ -47,7 +47,8 @@ def resolve(name: str) -> tuple[BenchmarkSpec, str | None]:
 
 
 def load(name: str, *, data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> LoadedBenchmark:
-    """Resolve `name` and read its samples. Bad rows come back as BadSample; a missing source raises VopdError."""
+    """Resolve `name` and read its samples. Bad rows come back as BadSample; a missing source, or one with no
+    usable row at all, raises VopdError (a typo'd or truncated file must not look like a finished run)."""
     spec, arg = resolve(name)
     ctx = LoadContext(arg=arg, data_dir=data_dir, limit=limit, seed=seed)
     samples: list[Sample | BadSample] = []
@@ -60,7 +61,24 @@ def load(name: str, *, data_dir: str | None = None, limit: int | None = None, se
             s = _renamed(s, f"{s.id}#{i}")
         seen.add(s.id)
         samples.append(s)
+    if limit != 0:
+        check_usable(spec, samples)
     return LoadedBenchmark(spec, samples)
+
+
+def check_usable(spec: BenchmarkSpec, samples: list[Sample | BadSample]) -> None:
+    """At least one row must be a Sample; otherwise the run stops with one line naming the source."""
+    if not samples:
+        raise VopdError(f"{spec.source}: no rows to evaluate in {spec.name}")
+    if all(isinstance(s, BadSample) for s in samples):
+        first = samples[0]
+        raise VopdError(f"{spec.source}: none of its {len(samples)} row(s) is usable "
+                        f"(first, {first.id}: {_one_line(first.error)})")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _renamed(s: Sample | BadSample, new_id: str) -> Sample | BadSample:

@@ -164,6 +164,11 @@ def require_columns(path: Path, have: Iterable[str], need: Iterable[str]) -> Non
         raise VopdError(f"{path} lacks column(s) {', '.join(missing)}: is it the right dataset file?")
 
 
+def require_any(path: Path, have: Iterable[str], one_of: Sequence[str]) -> None:
+    if not set(one_of) & set(have):
+        raise VopdError(f"{path} has none of the column(s) {', '.join(one_of)}: is it the right dataset file?")
+
+
 class LazyCell:
     """One image cell of a parquet file, read and decoded only when the image is needed: benchmark parquets
     hold gigabytes of images, and a run needs one at a time."""

@@ -13,6 +13,7 @@ lettered questions already end in " Select from the following choices.\\n(A) …
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,11 +36,15 @@ from vopd_bench.benchmarks.hub.common import (
 )
 from vopd_bench.benchmarks.spec import BenchmarkSpec, LoadContext
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.samples import LETTERS
 
 REPO = HubRepo("inclusionAI/ZoomBench", markers=("data/test*.parquet",), download=("data/test*.parquet",))
 PROMPTS = {"paper": Prompt("{question}\n{options}", open_prompt="{question}")}
 TEXT_FIELDS = (("query", "response"), ("prompt", "answer"))  # released parquet, then the card's schema
-MCQ_TYPES = {"mcq", "multiple_choice", "multiple-choice", "choice"}
+# question_type values, compared with case, spaces, "-" and "_" removed. Any other value (or none) is decided
+# by the question itself: clean "(A) …" option lines and a one-letter answer make it lettered.
+MCQ_TYPES = {"mcq", "multiplechoice", "multiplechoicequestion", "choice", "mc"}
+OPEN_TYPES = {"oq", "open", "openended", "openquestion", "freeform", "shortanswer", "vqa"}
 CATEGORY_FIELDS = ("category", "dimension", "question_type")
 
 
@@ -55,9 +60,12 @@ def _adapt(row: dict[str, Any]) -> dict[str, Any]:
     query = strip_image_token(str(query))
     if not present(answer):
         raise SampleError("no answer: neither 'response' nor 'answer' is set")
-    qtype = str(row.get("question_type") or "").strip().lower()
+    qtype = re.sub(r"[\s_-]+", "", str(row.get("question_type") or "")).lower()
     question, options, tail = split_option_lines(query)
-    lettered = qtype in MCQ_TYPES if qtype else bool(options) and len(letter_answer(answer)) == 1
+    if qtype in MCQ_TYPES or qtype in OPEN_TYPES:
+        lettered = qtype in MCQ_TYPES
+    else:
+        lettered = bool(options) and len(letter_answer(answer)) == 1 and letter_answer(answer) in LETTERS[:len(options)]
     if lettered:
         if not options or tail.strip():
             # Options that are not clean "(A) …" lines to the end stay in the question, as written.
