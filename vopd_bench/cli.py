@@ -97,6 +97,7 @@ def gap_report(
     if not quiet:
         print_summary(result.summary)
         console.print(f"Report: {result.out_dir / 'report.md'}")
+    console.print(result.timings.one_line(), highlight=False, soft_wrap=True)  # also with -q: one line
 
 
 def print_summary(summary) -> None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vopd_bench import context
 from vopd_bench.backends.base import GenerationConfig, Request, Response
 from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, vision_token_ids
 
@@ -27,6 +28,7 @@ class HFBackend:
             torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
+        self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
         self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -58,12 +60,28 @@ class HFBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        lengths = generated_lengths(new, self.model.generation_config.eos_token_id)
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(t.strip(), seconds=per) for t in texts]
+        return [Response(t.strip(), seconds=per, tokens=n) for t, n in zip(texts, lengths, strict=True)]
 
     def close(self) -> None:
         self.model = None
+
+
+def generated_lengths(new_tokens, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens each row generated: up to and including its first end-of-sequence token (rows that finish early
+    are padded to the batch's length)."""
+    import torch
+
+    width = new_tokens.shape[1]
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if not eos or width == 0:
+        return [width] * new_tokens.shape[0]
+    is_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], width, dtype=torch.long))
+    return first.tolist()
 
 
 def model_fingerprint(path: str, model=None) -> str:

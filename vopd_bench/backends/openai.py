@@ -55,6 +55,7 @@ class ChatResult:
     text: str | None  # None when the request failed
     error: str | None = None
     attempts: int = 1
+    tokens: int | None = None  # usage.completion_tokens, when the server reports it
 
 
 class _Malformed(Exception):
@@ -123,6 +124,15 @@ def completion_text(payload: bytes) -> str:
     if not isinstance(content, str):
         raise _Malformed(f"message content is a {type(content).__name__}")
     return content.strip()
+
+
+def completion_tokens(payload: bytes) -> int | None:
+    """`usage.completion_tokens` of a chat-completion body, or None when the server does not report it."""
+    try:
+        n = json.loads(payload)["usage"]["completion_tokens"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and n >= 0 else None
 
 
 def _snippet(payload: bytes | str, n: int = 160) -> str:
@@ -272,7 +282,7 @@ class ChatClient:
             else:
                 if status == 200:
                     try:
-                        return ChatResult(completion_text(data), attempts=attempt + 1)
+                        return ChatResult(completion_text(data), attempts=attempt + 1, tokens=completion_tokens(data))
                     except _Malformed as e:
                         last = f"malformed response: {e}"
                 else:
@@ -396,8 +406,8 @@ class OpenAIBackend:
         results = self.client.complete(bodies)
         # Like the hf backend: each request is attributed an equal share of the batch's wall time.
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(res.text, seconds=per) if res.error is None else Response("", error=res.error, seconds=per)
-                for res in results]
+        return [Response(res.text, seconds=per, tokens=res.tokens) if res.error is None
+                else Response("", error=res.error, seconds=per) for res in results]
 
     def close(self) -> None:
         self.client.close()
