@@ -71,7 +71,7 @@ class RunTimings:
         for name, v in self.views.items():
             if v.requests:
                 rate = f"{v.requests_per_s:.1f} req/s" if v.requests_per_s is not None else "– req/s"
-                tok = f"{v.tokens_per_s:.0f} tok/s" if v.tokens_per_s is not None else "– tok/s"
+                tok = f"{v.tokens_per_s:.1f} tok/s" if v.tokens_per_s is not None else "– tok/s"
                 parts.append(f"{name} {rate} {tok}")
         if len(parts) == 1:
             parts.append("nothing asked (all answers resumed)")
