@@ -119,6 +119,49 @@ def write_zoombench(root: Path, schema: str = "released") -> Path:
     return repo
 
 
+def textured(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A photo-like image: smooth random shapes plus fine grain, so its content survives resampling."""
+    rng = random.Random(seed)
+    w, h = size
+    coarse = Image.frombytes("RGB", (w // 40, h // 40), rng.randbytes((w // 40) * (h // 40) * 3))
+    mid = Image.frombytes("RGB", (w // 8, h // 8), rng.randbytes((w // 8) * (h // 8) * 3))
+    grain = Image.frombytes("RGB", size, rng.randbytes(w * h * 3))
+    smooth = Image.blend(coarse.resize(size, Image.BICUBIC), mid.resize(size, Image.BICUBIC), 0.4)
+    return Image.blend(smooth, grain, 0.08)
+
+
+def _png_struct(img: Image.Image, name: str) -> dict:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": name}
+
+
+# ZoomBench rows without a bbox column, whose crops are cut from the image at these boxes (xyxy).
+ZOOM_BOXES = {"zr-exact": (200, 120, 320, 210), "zr-x2": (40, 300, 130, 370)}
+
+
+def write_zoombench_crops(root: Path) -> Path:
+    """inclusionAI/ZoomBench as released (no bbox column) with real crops: one cut exactly, one cut and
+    upscaled 2× (ZwZ's pipeline), one cut from another image (no match), one flat, one missing."""
+    repo = root / "ZoomBench-crops"
+    images = [textured(i, (480, 400)) for i in range(5)]
+    exact = images[0].crop(ZOOM_BOXES["zr-exact"])
+    b = ZOOM_BOXES["zr-x2"]
+    x2 = images[1].crop(b).resize(((b[2] - b[0]) * 2, (b[3] - b[1]) * 2), Image.LANCZOS)
+    foreign = textured(99, (480, 400)).crop((100, 100, 220, 190))
+    crops = [exact, x2, foreign, Image.new("RGB", (60, 40), (90, 90, 90)), None]
+    ids = ["zr-exact", "zr-x2", "zr-foreign", "zr-flat", "zr-none"]
+    write_hf_parquet(repo / "data/test-00000-of-00001.parquet", {
+        "id": ids,
+        "query": [f"What colour is object {i}? Select from the following choices.\n(A) red\n(B) blue" for i in ids],
+        "response": ["A", "B", "A", "B", "A"],
+        "image": [_png_struct(im, f"{i}.png") for im, i in zip(images, ids, strict=True)],
+        "crop_image": [None if c is None else _png_struct(c, f"{i}-crop.png") for c, i in zip(crops, ids, strict=True)],
+        "question_type": ["multiple choice"] * 5,
+    }, image_columns=("image", "crop_image"))
+    return repo
+
+
 def write_treebench(root: Path) -> Path:
     """HaochenWang/TreeBench: TreeBench.tsv with base64 images and `target_instances` list literals."""
     repo = root / "TreeBench"

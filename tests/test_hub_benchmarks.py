@@ -226,26 +226,37 @@ def test_pope_ids_answers_and_prompt(data):
     assert _prompt(lb, s["popular-1"]) == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
 
 
-def test_parquet_images_are_read_a_row_group_at_a_time(tmp_path):
+@pytest.mark.parametrize("row_group_size", [2, 5])  # groups [0, 1] [2, 3] [4], or one group of all five
+def test_parquet_images_are_streamed_a_row_at_a_time(tmp_path, row_group_size):
     import pyarrow as pa
 
     colours = [(i * 40, 0, 0) for i in range(5)]
     table = pa.table({"k": list(range(5)),
                       "image": [fx.hf_image((8, 8), c) for c in colours],
                       "crop_image": [fx.hf_image((4, 4), c) if i != 3 else None for i, c in enumerate(colours)]})
-    pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)  # groups [0, 1] [2, 3] [4]
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=row_group_size)
     rows = list(parquet_rows([tmp_path / "x.parquet"], lazy=("image", "crop_image"), nullable=("crop_image",)))
     assert [r["k"] for r in rows] == [0, 1, 2, 3, 4] and rows[3]["crop_image"] is None
     reader = rows[0]["image"]._file
-    reads = []
-    original = reader.file.read_row_group
-    reader.file.read_row_group = lambda g, columns: reads.append((g, tuple(columns))) or original(g, columns=columns)
+    streams, batch_rows = [], []
+    original = reader.stream
+
+    def counted(column, first_group=0, batch_size=1):
+        streams.append((column, first_group))
+        for batch in original(column, first_group, batch_size):
+            batch_rows.append(batch.num_rows)
+            yield batch
+
+    reader.stream = counted
     for r in rows:  # as the runner does: each sample's image, then its crop
         assert load_image(r["image"]).getpixel((0, 0)) == colours[r["k"]]
         if r["crop_image"] is not None:
             assert load_image(r["crop_image"]).size == (4, 4)
-    assert len(reads) == 6  # each group's image column and crop column, once
-    assert load_image(rows[0]["image"]).getpixel((0, 0)) == colours[0]  # going back still works
+    assert streams == [("image", 0), ("crop_image", 0)]  # one forward pass per column
+    assert set(batch_rows) == {1}  # one cell held at a time, whatever the row groups
+    assert load_image(rows[0]["image"]).getpixel((0, 0)) == colours[0]  # going back restarts the stream
+    assert load_image(rows[4]["image"]).getpixel((0, 0)) == colours[4]
+    assert streams[-1] == ("image", 0)
 
 
 def test_unexpected_values_become_bad_rows():
