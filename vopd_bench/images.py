@@ -93,13 +93,27 @@ def load_image(source: ImageSource, *, need_pixels: int | None = None) -> Image.
         img.load()
         if img.size != original:
             img.info["original_size"] = original
-        return img.convert("RGB") if img.mode != "RGB" else img
+        return _to_rgb(img)
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise SampleError(f"corrupt or unreadable image: {_one_line(e)}") from None
     except MemoryError:
         raise SampleError("image too large to decode in the memory available") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, keeping 16-bit and float greys visible: PIL's own conversion clips them to 255 (a white image)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        scale = 255.0 / 65535.0 if top > 255 else (255.0 if img.mode == "F" and top <= 1.0 else 1.0)
+        img = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def _check_size(img: Image.Image) -> None:
