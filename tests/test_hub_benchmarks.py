@@ -29,7 +29,7 @@ from vopd_bench.samples import BadSample, Sample
 NAMES = ["vstar", "zoombench", "treebench", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn",
          "mme-realworld-lite", "visualprobe", "mmvp", "cv-bench", "mmstar", "pope"]
 VARIANTS = ["vstar@lmms", "hrbench-4k@lmms", "hrbench-8k@lmms", "mme-realworld@lmms", "mme-realworld-cn@lmms",
-            "mme-realworld-lite@lmms", "mmvp@lmms", "cv-bench@lmms", "mmstar@lmms", "treebench@vlmeval"]
+            "mme-realworld-lite@lmms", "mmvp@lmms", "cv-bench@lmms", "mmstar@lmms", "treebench@vlmeval", "pope@original"]
 
 
 @pytest.fixture(scope="module")

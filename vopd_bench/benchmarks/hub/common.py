@@ -196,7 +196,11 @@ class ParquetImages:
     """The image cells of one parquet file, streamed a row at a time. A file may hold all its rows in one row
     group (HR-Bench 8K: 2.8 GB of images), so neither a row group nor a column chunk is ever read whole: a
     buffered stream over each image column yields one row per batch. Samples are rendered in file order, so
-    each column keeps one cursor moving forward; asking for an earlier row restarts its stream."""
+    each column keeps one cursor moving forward; asking for an earlier row restarts its stream.
+
+    Streaming goes page by page, and every Parquet reader reads and decompresses a data page whole. A file
+    written with a few huge pages (pyarrow's writer checks the page size only every 1,024 values) costs about
+    twice its largest page at once: see benchmarks/parquet_memory.py --one-page."""
 
     def __init__(self, path: Path) -> None:
         import pyarrow.parquet as pq

@@ -13,7 +13,9 @@ image). The box view, `gap_locate`/`gap_zoom` and the gap by evidence size need 
 locating the crop in the image (`box_recovery`, normalised cross-correlation over scales; `box_source:
 recovered`, with `box_score`). A match under the threshold is refused (`box_source: none`, `box_score`, and
 `box_note` with the reason): that question keeps its full and crop views. Recovery decodes both images of each
-row while the benchmark loads (about a second per row on one core). The prompt is the query as written (Appendix B: `{question}\\n{options}`), whose
+row and matches them at several scales while the benchmark loads, so loading takes longer than reading rows.
+
+The prompt is the query as written (Appendix B: `{question}\\n{options}`), whose
 lettered questions already end in " Select from the following choices.\\n(A) …".
 """
 
