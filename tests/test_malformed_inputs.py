@@ -93,6 +93,15 @@ def test_malformed_dataset_files(tmp_path: Path, name: str, content: str | bytes
             assert good[0].id in ("r1", "q1")
 
 
+def test_a_dataset_whose_image_files_all_miss_is_a_run_level_error(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(_jsonl(ROW, {**ROW2, "image": "elsewhere/b.png"}), encoding="utf-8")
+    with pytest.raises(VopdError, match=r"none of its 2 image file\(s\) exists \(first: .*a.png\)"):
+        benchmarks.load(f"local:{path}")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # one image present: the run goes on, the other is per sample
+    assert len(benchmarks.load(f"local:{path}").samples) == 2
+
+
 def _png_bomb(side: int) -> bytes:
     """A 1-bit PNG that declares side × side pixels: all zeros, so it compresses to a few tens of KB."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -160,6 +160,17 @@ def _b64decode(s: str) -> bytes:
         raise SampleError("image string is neither a file path nor valid base64") from None
 
 
+def image_path(source: ImageSource) -> Path | None:
+    """The file `source` names, or None when it is not a file name (bytes, base64 text, an image in memory)."""
+    if isinstance(source, Path):
+        return source
+    if isinstance(source, str) and _looks_like_path(source):
+        return Path(source)
+    if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
+        return image_path(source["path"])
+    return None
+
+
 def image_ref(source: ImageSource) -> str | None:
     """A serialisable reference to the image (its path), or None when it only lives in memory."""
     if isinstance(source, Path):

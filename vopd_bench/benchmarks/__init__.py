@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from vopd_bench.benchmarks.spec import BenchmarkSpec, LoadContext, row_to_sample
 from vopd_bench.errors import VopdError
+from vopd_bench.images import image_path
 from vopd_bench.samples import BadSample, Sample
 
 # name -> factory(arg) -> spec. Factories are cheap: nothing is read until `load`.
@@ -74,6 +75,11 @@ def check_usable(spec: BenchmarkSpec, samples: list[Sample | BadSample]) -> None
         first = samples[0]
         raise VopdError(f"{spec.source}: none of its {len(samples)} row(s) is usable "
                         f"(first, {first.id}: {_one_line(first.error)})")
+    # Image files are read later, one sample at a time; but when not one of them exists (a wrong folder, a
+    # relative path from elsewhere), every sample would fail alike: say so now, once.
+    paths = [image_path(s.image) for s in samples if isinstance(s, Sample)]
+    if paths and all(p is not None for p in paths) and not any(p.is_file() for p in paths):
+        raise VopdError(f"{spec.source}: none of its {len(paths)} image file(s) exists (first: {paths[0]})")
 
 
 def _one_line(text: str, limit: int = 200) -> str:
