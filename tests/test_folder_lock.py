@@ -40,6 +40,13 @@ def test_second_holder_is_refused_naming_the_first_and_the_folder_frees_on_exit(
             pass
 
 
+def test_an_unwritable_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VopdError, match="cannot write to the output folder"):
+        with output_lock(tmp_path / "file" / "out"):
+            pass
+
+
 def test_the_lock_dies_with_a_killed_process(tmp_path):
     holder = _python(f"""
         import time

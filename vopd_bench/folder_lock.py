@@ -68,10 +68,13 @@ def output_lock(folder: str | Path, *, env: Mapping[str, str] = os.environ,
                 rank_wait_s: float = RANK_WAIT_S) -> Iterator[Path]:
     """Hold `folder` for this run (creating it); raise VopdError naming the holder if another run has it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     job = torchrun_job(env)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise VopdError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
     try:
         if job is not None and job[0] != 0:
             _join_job(fd, folder, job[1], rank_wait_s)
