@@ -102,14 +102,19 @@ def band_ratios(att: ImageAttention, boxes: Sequence[Box]) -> dict[str, float] |
     return out
 
 
+def require_backend(name: str, capable: bool | None = None) -> None:
+    """Only the hf backend runs the model in this process, where its attention can be read."""
+    from vopd_bench.errors import VopdError
+
+    if not (capable if capable is not None else name == "hf"):
+        raise VopdError(f"the {name} backend cannot expose attention: --focus and the selfcrop view need --backend hf")
+
+
 def enable(backend: Any, *, focus: bool) -> None:
     """Check that the backend and model family can expose attention (one line if not); switch focus capture."""
-    from vopd_bench.errors import VopdError
     from vopd_bench.token_grid import require_support
 
-    if not hasattr(backend, "prefill_attention"):
-        raise VopdError(f"the {backend.name} backend cannot expose attention: --focus and the selfcrop view need "
-                        "--backend hf")
+    require_backend(backend.name, capable=hasattr(backend, "prefill_attention"))
     require_support(backend.model)
     backend.capture_focus = focus
 

@@ -331,6 +331,10 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
         raise VopdError("--batch-size and --max-new-tokens must be positive")
     loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
     own_backend = backend is None
+    if backend is None and (cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views)):
+        from vopd_bench import attention
+
+        attention.require_backend(cfg.backend)  # before any server is contacted or model loaded
     if backend is None:
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
                               batch_size=cfg.batch_size, **cfg.backend_options)
