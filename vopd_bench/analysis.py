@@ -22,6 +22,8 @@ Metrics, per benchmark and per category (`<view>` is each view that was run: ful
 - `n_sample_errors`: samples with at least one errored record (n = n_samples).
 - `n_no_evidence`: samples that have no box and therefore got the full view only (n = n_samples).
 - `boxes_clamped`: boxes clamped to their image, summed over samples (n = n_samples).
+- With `--focus` or the selfcrop view: `focus_<view>*`, `gap_selfzoom`, `selfzoom_recovery`, `selfcrop_iou`,
+  `selfcrop_hit` (see `vopd_bench.focus`). The selfcrop view needs no evidence and stays out of the gaps above.
 """
 
 from __future__ import annotations

@@ -146,7 +146,9 @@ def plot_focus(summary: pd.DataFrame, path: str | Path) -> Path | None:
     rows = rows[rows["value"].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
     if rows.empty:
         return None
-    groups = sorted({(r.benchmark, r.metric.rsplit("_", 1)[0].removeprefix("focus_")) for r in rows.itertuples()})
+    pairs = {(r.benchmark, r.metric.rsplit("_", 1)[0].removeprefix("focus_")) for r in rows.itertuples()}
+    order = {v: i for i, v in enumerate(("full", "box", "crop", "selfcrop"))}
+    groups = sorted(pairs, key=lambda g: (g[0], order.get(g[1], len(order)), g[1]))
     fig, ax = _new_figure(len(groups), height=4.0)
     x = np.arange(len(groups))
     for i, (outcome, color) in enumerate((("correct", COLORS["crop"]), ("wrong", COLORS["box"]))):
