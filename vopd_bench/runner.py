@@ -293,7 +293,6 @@ class _Batcher:
         if self.on_batch is not None:
             self.on_batch(self.n_batches)
 
-
     def _zoom_in(self, batch: list[tuple[_Planned, Record, Image.Image]]) -> list[tuple[_Planned, Record, Image.Image]]:
         """The selfcrop view: choose each window from the model's attention (two prefill passes), then ask on
         the window's crop. A sample whose window cannot be chosen is recorded with the reason."""
