@@ -221,9 +221,12 @@ def planted_toy(monkeypatch, one_thread):
                                 images=[Image.new("RGB", (224, 224))], return_tensors="pt")["input_ids"].shape[1]
     monkeypatch.setattr(attention, "_last_row", _planted(tid, generic))
 
+    backend.prefills = []  # the prompts' lengths, one per prefill pass
+
     def remember_ids(model, args, kwargs):  # the planted map needs each row's token ids (prefill calls only)
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] > 1:
+            backend.prefills.append(ids.shape[1])
             for m in attention.text_attention_modules(model):
                 m._planted_ids = ids
 
@@ -243,6 +246,9 @@ def test_planted_map_gives_the_defined_ratio_window_and_crop(planted_toy, tmp_pa
                           out=str(tmp_path / "out"), quiet=True, focus=True, max_new_tokens=2)
     result = run_gap_report(cfg, backend=planted_toy)
     recs = {r.view: r for r in result.records}
+    # full: one generation; selfcrop: the question and the generic prompt (prefill only), then one generation
+    generic = planted_toy.prefills[2]
+    assert len(planted_toy.prefills) == 4 and planted_toy.prefills[1] == planted_toy.prefills[3] != generic
     q = np.ones((8, 8))
     q[0, 0], q[4:6, 2:4] = SINK, BLOCK
     expected = (q[4:6, 2:4].sum() / q.sum()) / (4 / 64)
