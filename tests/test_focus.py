@@ -322,3 +322,21 @@ def test_unknown_band_is_refused():
     with pytest.raises(ValueError, match="unknown layer band"):
         attention.band_slice(3, "top")
     assert math.isfinite(attention.attention_ratio(np.ones((2, 2)), [(0, 0, 1, 1)], (2, 2)))
+
+
+def test_last_row_by_hand_with_either_mask_form():
+    import torch
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)  # 4 query heads share 2 kv heads
+    pad = torch.tensor([[0, 1, 1], [1, 1, 1]])  # row 0 is left-padded by one key
+    expected = torch.zeros(2, 3)
+    for b in range(2):
+        keep = pad[b].bool()
+        for h in range(4):
+            s = (k[b, h // 2] @ q[b, h, -1]) * 0.3
+            expected[b, keep] += torch.softmax(s[keep], 0) / 4
+    four_d = pad[:, None, None, :].bool().expand(2, 1, 3, 3)
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~four_d, float("-inf"))
+    for mask in (pad, four_d, additive):
+        torch.testing.assert_close(attention._last_row(None, q, k, mask, 0.3), expected)

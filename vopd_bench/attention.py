@@ -143,9 +143,10 @@ def _last_row(module: Any, query: Any, key: Any, attention_mask: Any, scaling: f
     n_kv = key.shape[1]
     q = query[:, :, -1, :].float().reshape(b, n_kv, n_heads // n_kv, d)  # query heads grouped by their kv head
     scores = torch.einsum("bkgd,bkld->bkgl", q, key.float()) * (scaling if scaling is not None else d ** -0.5)
-    if attention_mask is not None:
-        m = attention_mask[:, :, -1, : key.shape[2]]  # (batch, 1, keys), broadcast over heads
-        m = m[:, :, None, :]
+    if attention_mask is not None and attention_mask.dim() == 2:  # flash kernels get the (batch, keys) padding mask
+        scores = scores.masked_fill(~attention_mask[:, None, None, : key.shape[2]].bool(), float("-inf"))
+    elif attention_mask is not None:  # (batch, 1, queries, keys): boolean, or additive floats
+        m = attention_mask[:, :, -1, : key.shape[2]][:, :, None, :]  # the last query's row, for every head
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     return scores.softmax(dim=-1).mean(dim=(1, 2))
 
@@ -153,11 +154,13 @@ def _last_row(module: Any, query: Any, key: Any, attention_mask: Any, scaling: f
 def _last_row_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any,
                         **kwargs: Any) -> Any:
     """Runs the model's own attention kernel and, in the prefill pass, records the last query row."""
+    import sys
+
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
     cap: _Capture = module._vopd_capture
-    out = ALL_ATTENTION_FUNCTIONS.get_interface(cap.inner, eager_attention_forward)(
+    eager = sys.modules[type(module).__module__].eager_attention_forward  # the family's own eager kernel
+    out = ALL_ATTENTION_FUNCTIONS.get_interface(cap.inner, eager)(
         module, query, key, value, attention_mask, *args, **kwargs)
     if query.shape[2] > 1 and module.layer_idx not in cap.rows:  # prefill only; decoding steps see 1 query
         import torch
