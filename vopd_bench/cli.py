@@ -146,6 +146,26 @@ def list_benchmarks() -> None:
         console.print(f"{name:<22} {source}", highlight=False)
 
 
+@app.command("check")
+def check(
+    model: str = typer.Argument(..., help="Model to check: `toy`, a local folder, or a hub id."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code from the hub to run. Off unless you ask."),
+    device: str | None = typer.Option(None, help="Device: auto, cpu, cuda, … [default: a GPU when there is one]."),
+    threads: int | None = typer.Option(None, help="Torch threads on a CPU [default: torch's choice]."),
+    keep: Path | None = typer.Option(None, help="Keep the scratch runs in this folder [default: a temporary one]."),
+) -> None:
+    """Before a long job: does MODEL work with vopd? One line per capability (load, gap-report, distill full,
+    distill LoRA, vLLM requests, vision fast path), each `ok` or the first line of the reason."""
+    from vopd_bench.check import run_check
+
+    lines = run_check(model, work_dir=keep, trust_remote_code=trust_remote_code, device=device, threads=threads,
+                      on_line=lambda line: console.print(line.render(), highlight=False, soft_wrap=True))
+    failed = [line.capability for line in lines if line.required and not line.ok]
+    if failed:
+        raise VopdError(f"{model} failed: {', '.join(failed)}")
+
+
 def _register_commands() -> None:
     """Commands defined next to what they drive: reports here, the trainer in vopd_train."""
     from vopd_bench.cli_reports import app as reports_app

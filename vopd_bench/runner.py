@@ -399,7 +399,8 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
         store.compact()
         judge.close()
     t_run = time.perf_counter() - t0
-    summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen)
+    summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen,
+                            batch_splits=getattr(backend, "batch_splits", 0))
     timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
     return GapReportResult(out_dir, summary, records, timings)
 
@@ -411,7 +412,7 @@ def _import_reporting() -> None:
 
 
 def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,
-                  gen: GenerationConfig):
+                  gen: GenerationConfig, batch_splits: int = 0):
     from vopd_bench import analysis, html_report, report
 
     extra = {lb.name: lb.spec.metrics for lb in loaded if lb.spec.metrics is not None}
@@ -431,6 +432,7 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
         for row in analysis.failures(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     info = run_info(cfg, loaded, fingerprint, gen)
+    info["batch_splits"] = batch_splits  # this invocation's batches retried one request at a time
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     _, figures = report.write_report_with_figures(out_dir, summary, records, info)
     index = {(lb.name, s.id): s for lb in loaded for s in lb.samples if isinstance(s, Sample)}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
 from vopd_bench.backends.base import GenerationConfig, Request, Response
-from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, vision_token_ids
+from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
 from vopd_bench.token_grid import token_grid
 
 # Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
@@ -28,9 +28,10 @@ class HFBackend:
 
             torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
-        self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
+        self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
         self._fingerprint: str | None = None
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
+        self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -43,8 +44,12 @@ class HFBackend:
         try:
             return self._generate_batch(requests, gen)
         except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
+                return [Response("", error=cause)]
+            self.batch_splits += 1
+            say_once(f"hf-split:{id(self)}", f"a batch of {len(requests)} requests failed ({cause}); its requests "
+                     "are retried one at a time to isolate the failing one (slower; run.json counts such splits)")
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
