@@ -13,20 +13,11 @@ passes at once. A huge text is counted on growing prefixes until one proves it t
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from vopd_bench.errors import SampleError
-
-_SAID: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """A degraded path announces itself once per process, with its cause."""
-    if message not in _SAID:
-        _SAID.add(message)
-        print(f"vopd: {message}", file=sys.stderr)
+from vopd_bench.modeling import chat_text, say_once
 
 
 def text_context(config: Any) -> int | None:
@@ -40,8 +31,6 @@ class PromptLength:
     """Counts the tokens of one (prompt, image) request as the processor would build it, cheaply."""
 
     def __init__(self, processor: Any, context: int | None, source: str = "max_position_embeddings"):
-        from vopd_bench.modeling import chat_text
-
         self.processor, self.context, self.source = processor, context, source
         self._chat_text = chat_text
         self._tokenizer = processor.tokenizer
@@ -51,7 +40,7 @@ class PromptLength:
         self._image_tokens: dict[tuple[int, int], int] = {}
         self._counts_images = hasattr(processor, "_get_num_multimodal_tokens")
         if context is not None and not self._counts_images:
-            say_once(f"{type(processor).__name__} cannot count image tokens from an image's size; prompt lengths "
+            say_once("prompt-length-images", f"{type(processor).__name__} cannot count image tokens from an image's size; prompt lengths "
                      "are checked on their text alone")
 
     def image_tokens(self, width: int, height: int) -> int:
@@ -112,7 +101,7 @@ def for_model(config: Any, processor: Any) -> PromptLength:
     """The check for a transformers model: its text config's `max_position_embeddings`."""
     context = text_context(config)
     if context is None:
-        say_once("the model's config gives no max_position_embeddings; prompt lengths are not checked")
+        say_once("prompt-length-context", "the model's config gives no max_position_embeddings; prompt lengths are not checked")
     return PromptLength(processor, context)
 
 
@@ -123,13 +112,13 @@ def for_vllm(engine: Any, model_path: str, *, trust_remote_code: bool = False) -
     try:
         context = int(engine.llm_engine.model_config.max_model_len)
     except (AttributeError, TypeError, ValueError):
-        say_once("this vLLM engine does not report max_model_len; prompt lengths are left to vLLM")
+        say_once("prompt-length-vllm", "this vLLM engine does not report max_model_len; prompt lengths are left to vLLM")
         return None
     try:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - the check is an optimisation over vLLM's own
-        say_once(f"no processor for {model_path} ({type(e).__name__}); prompt lengths are left to vLLM")
+        say_once("prompt-length-vllm", f"no processor for {model_path} ({type(e).__name__}); prompt lengths are left to vLLM")
         return None
     return PromptLength(processor, context, source="max_model_len")
