@@ -127,23 +127,29 @@ def _base_record(p: _Planned, fingerprint: str) -> Record:
     return rec
 
 
-def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
-             fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
-    """Decode the image once and render every view of this sample that is still to do."""
+def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig, fingerprint: str,
+             view_pixels: int | None = None) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+    """Decode the image once and render every view of this sample that is still to do.
+
+    A sample asked only under the full view, whose model keeps at most `view_pixels` pixels of any image, may be
+    decoded at a reduced size that still covers them (JPEG's own DCT scaling): the model would resize it anyway.
+    Crops and boxes need the full resolution."""
     base = [(p, _base_record(p, fingerprint)) for p in todo]
+    need = view_pixels if view_pixels and all(p.view == "full" for p in todo) else None
     try:
-        image = load_image(sample.image)
-        boxes, n_clamped = views.clamp_boxes(sample.boxes, image.width, image.height)
+        image = load_image(sample.image, need_pixels=need)
+        width, height = image.info.get("original_size", image.size)  # boxes are in the file's own pixels
+        boxes, n_clamped = views.clamp_boxes(sample.boxes, width, height)
         crop = load_image(sample.crop_image) if sample.crop_image is not None and any(p.view == "crop" for p in todo) else None
     except SampleError as e:
         for p, rec in base:
             rec.error, rec.error_kind = str(e), "sample"
             yield p, rec, None
         return
-    area = geometry.relative_area(boxes, image.width, image.height) if boxes else None
+    area = geometry.relative_area(boxes, width, height) if boxes else None
     for p, rec in base:
         rec.boxes = [list(b) for b in boxes]
-        rec.boxes_clamped, rec.evidence_area, rec.image_size = n_clamped, area, [image.width, image.height]
+        rec.boxes_clamped, rec.evidence_area, rec.image_size = n_clamped, area, [width, height]
         if p.view in ("crop", "box") and not boxes and not (p.view == "crop" and crop is not None):
             rec.error, rec.error_kind = f"the {p.view} view needs evidence boxes", "sample"
             yield p, rec, None
@@ -152,8 +158,8 @@ def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
         yield p, rec, rendered.image
 
 
-def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
-              fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig, fingerprint: str,
+              view_pixels: int | None = None) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
     """Each sample's remaining views, rendered; None instead of an image for a per-sample error."""
     for views_of_sample in todo:
         sample = views_of_sample[0].sample
@@ -163,7 +169,7 @@ def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
                 rec.error, rec.error_kind = sample.error, "sample"
                 yield p, rec, None
         else:
-            yield from _prepare(sample, views_of_sample, cfg, fingerprint)
+            yield from _prepare(sample, views_of_sample, cfg, fingerprint, view_pixels)
 
 
 def _within_context(lengths: PromptLength, p: _Planned, rec: Record, image: Image.Image,
@@ -405,8 +411,10 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
                 by_sample[p.sample.id].append(p)
         todo += by_sample.values()
     lengths: PromptLength | None = getattr(backend, "prompt_length", None)
+    # --focus maps boxes into the view image, so it keeps every image at its full size
+    view_pixels = None if cfg.focus else getattr(backend, "view_pixels", None)
     try:
-        for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint), depth=2 * batch_size):
+        for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint, view_pixels), depth=2 * batch_size):
             if img is not None and lengths is not None:
                 img = _within_context(lengths, p, rec, img, gen)
             if img is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from vopd_bench import context
 from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
 from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.families import family_of
 from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
 from vopd_bench.token_grid import token_grid
 
@@ -34,6 +35,10 @@ class HFBackend:
         self._fingerprint: str | None = None
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
+        family = family_of(self.model.config)
+        image_processor = getattr(self.processor, "image_processor", None)
+        # the most pixels the processor keeps of any image: larger JPEGs may be decoded at a reduced size
+        self.view_pixels = family.pixel_budget(image_processor) if family.pixel_budget and image_processor else None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
