@@ -10,8 +10,8 @@ growth of the process's peak resident memory (VmHWM) over its resident memory ju
 the CPU time of the second step (the speedup uses CPU time because the shared machine's wall time is noisy; wall
 time is printed too). The children's per-token losses are compared.
 
-    .venv/bin/python benchmarks/prefix_sharing.py [--prefix 1000] [--n 8] [--response 48] [--hidden 128]
-        [--layers 4] [--threads 1]
+    .venv/bin/python benchmarks/prefix_sharing.py [--prefix 1000] [--n 8] [--response 48] [--hidden 512] [--heads 8]
+        [--layers 2] [--vocab 4096] [--threads 1]
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=1000)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--response", type=int, default=48)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child-out")
     ap.add_argument("--lora", action="store_true")
