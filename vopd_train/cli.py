@@ -40,10 +40,13 @@ HELP = (
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
     """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}."""
+    from vopd_bench import distributed
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 
     out = show or console
+    if distributed.place_from_env().rank != 0:  # under torchrun rank 0 alone prints
+        out = Console(quiet=True)
     if preset:
         out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False, soft_wrap=True)
     display = _Display(out, cfg)
@@ -70,8 +73,9 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
             measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.eval_limit,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                                  trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir)
-            print_before_after(measured.table, out)
-            out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
+            if measured is not None:  # None on the other ranks of a torchrun job
+                print_before_after(measured.table, out)
+                out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}
 
 

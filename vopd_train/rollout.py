@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from vopd_bench.modeling import chat_text, encode, vision_token_ids
+from vopd_train.sampling import generate_options
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SamplingSettings:
     n: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 1024
+    prompt_seeds: tuple[int, ...] | None = None  # one per prompt: batch-invariant sampling (vopd_train.sampling)
 
 
 @dataclass
@@ -124,8 +126,9 @@ class HFRolloutEngine:
                     inputs.pop("pixel_values")
                     inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
                         pooler_output=[feats[i // settings.n] for i in range(len(repeated))])}
-                out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
-                                          top_p=1.0, max_new_tokens=settings.max_new_tokens,
+                out = self.model.generate(**inputs, **generate_options(settings.prompt_seeds, settings.n,
+                                                                       settings.temperature),
+                                          max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
         finally:
             self.model.train(was_training)

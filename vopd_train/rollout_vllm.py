@@ -115,7 +115,8 @@ class VLLMRolloutEngine:
         # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
         # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, ()).item())
-        params = [self.sampling_params(settings, base + i * settings.n) for i in range(len(prompts))]
+        seeds = settings.prompt_seeds or [base + i * settings.n for i in range(len(prompts))]
+        params = [self.sampling_params(settings, seed) for seed in seeds]
         try:
             outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
         except ValueError as e:  # vLLM's input checks, e.g. a prompt longer than max_model_len
