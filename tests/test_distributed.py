@@ -168,6 +168,12 @@ def run_one(config: dict):
     return d
 
 
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    """‖a − b‖ ≤ rel·‖b‖ over the whole tensor (element-wise ratios are meaningless for weights near 0)."""
+    err, scale = float((a.double() - b.double()).norm()), float(b.double().norm())
+    assert err <= rel * max(scale, 1e-12), (err, scale)
+
+
 def log_of(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -198,7 +204,7 @@ def test_distill_two_ranks_take_the_same_steps_and_resume_on_one(tiny_model_dir,
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
     moved = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        assert_rel_close(a[k], b[k])
         moved += not torch.equal(b[k], start[k])
     assert moved > 10
     assert json.loads((tmp_path / "two" / "state" / "trainer_state.json").read_text())["format"] == "dcp"
@@ -209,7 +215,7 @@ def test_distill_two_ranks_take_the_same_steps_and_resume_on_one(tiny_model_dir,
     assert resumed.step == 4 and [r["step"] for r in log_of(tmp_path / "two")] == [1, 2, 3, 4]
     a, b = load_file(tmp_path / "two" / "model" / "model.safetensors"), load_file(tmp_path / "one" / "model" / "model.safetensors")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        assert_rel_close(a[k], b[k])
     ta, tb = one.teacher.state_tensors(), resumed.teacher.state_tensors()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7)
+        assert_rel_close(tb[k], ta[k])

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from vopd_bench import distributed
 from vopd_bench.errors import VopdError
@@ -49,13 +50,28 @@ def is_dcp(path: Path) -> bool:
 
 def _flat(model: Any, optimizer: Any, teacher: dict[str, Tensor]) -> tuple[dict[str, Tensor], list]:
     """One flat name -> tensor dict of everything sharded, and the optimizer's param groups (plain JSON)."""
-    flat = {f"student/{k}": v for k, v in get_model_state_dict(model, options=TRAINABLE).items()}
+    flat = {f"student/{k}": v for k, v in _untied(get_model_state_dict(model, options=TRAINABLE)).items()}
     osd = get_optimizer_state_dict(model, optimizer, options=TRAINABLE)
     for fqn, st in osd["state"].items():
         for key, v in st.items():
             flat[f"optim/{fqn}/{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
     flat.update({f"teacher/{k}": v for k, v in teacher.items()})
     return flat, osd["param_groups"]
+
+
+def _untied(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tied weights (an LM head shared with the embeddings) appear under two names: keep the first; loading it
+    fills both."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for k, v in sd.items():
+        local = v.to_local() if isinstance(v, DTensor) else v
+        ident = (local.data_ptr(), tuple(local.shape))
+        if local.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[k] = v
+    return out
 
 
 def save(out: Path, *, meta: dict[str, Any], model: Any, optimizer: Any, scheduler: Any,
@@ -98,7 +114,8 @@ def load(path: Path, *, model: Any, optimizer: Any, teacher: dict[str, Tensor]) 
         raise VopdError(f"cannot read the saved training state in {path}: {' '.join(str(e).split())[:300]}; "
                         "use --restart") from None
     student = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("student/")}
-    set_model_state_dict(model, student, options=TRAINABLE)
+    # tied weights were saved once (`_untied`): the other name shares the tensor just loaded
+    set_model_state_dict(model, student, options=StateDictOptions(ignore_frozen_params=True, strict=False))
     state: dict[str, dict[str, Any]] = {}
     for k, v in flat.items():
         if k.startswith("optim/"):
