@@ -221,6 +221,10 @@ def export_weights(model: Any) -> dict[str, Tensor]:
     else:
         hf = model
         weights = _drop_tied(model.state_dict(), model)
+    # under FSDP each rank holds shards: gather every tensor whole (one collective each, the same order on all ranks)
+    from torch.distributed.tensor import DTensor
+
+    weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in weights.items()}
     return _checkpoint_names(hf, weights)
 
 
