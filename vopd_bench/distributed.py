@@ -12,8 +12,6 @@ object exchanges, so it asks for gloo even on GPUs (`init(backend="gloo")`): the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -127,6 +125,7 @@ def all_reduce_sum(values: list[float], device: str | torch.device = "cpu") -> l
 
 
 def all_reduce_max(value: int, device: str | torch.device = "cpu") -> int:
+    """The largest `value` over ranks (`device`: where the process group's backend wants tensors)."""
     if not active():
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
@@ -137,15 +136,3 @@ def all_reduce_max(value: int, device: str | torch.device = "cpu") -> int:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextmanager
-def main_first() -> Iterator[bool]:
-    """Rank 0 runs the block, then the others do (e.g. rank 0 prepares a folder the others read)."""
-    if rank() != 0:
-        barrier()
-    try:
-        yield rank() == 0
-    finally:
-        if rank() == 0:
-            barrier()
