@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vopd_bench import distributed
 from vopd_bench.errors import VopdError
@@ -128,3 +128,28 @@ def load(path: Path, *, model: Any, optimizer: Any, teacher: dict[str, Tensor]) 
     np_state = meta.pop("numpy_rng")
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     return meta
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` (the same on every rank) cut to the shard `like` holds: a DTensor like `like`, or `full` itself."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device)
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_single_process_state(state: dict[str, Any], *, model: Any, params: list, optimizer: Any,
+                              teacher: dict[str, Tensor]) -> None:
+    """Resume under torchrun from a state a single process saved (`checkpoint.load_state`'s full tensors): every
+    rank reads all of it and keeps its own shards."""
+    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(live) != set(state["student"]):
+        raise VopdError("the saved student does not match this model's trainable parameters; use --restart")
+    with torch.no_grad():
+        for n, p in live.items():
+            p.copy_(shard_like(state["student"][n], p))
+        for n, t in teacher.items():
+            t.copy_(shard_like(state["teacher"][n], t))
+    opt = state["optimizer"]
+    opt["state"] = {i: {k: shard_like(v, params[i]) if isinstance(v, Tensor) and v.dim() else v
+                        for k, v in st.items()} for i, st in opt["state"].items()}
+    optimizer.load_state_dict(opt)

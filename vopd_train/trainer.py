@@ -182,11 +182,16 @@ class Distiller:
                                             "lr_lambdas": [None] * len(self.optimizer.param_groups)})
             self._resumed(meta)
             return
-        if self.place.enabled:
-            raise VopdError(f"{path} was saved by a single process; resume it without torchrun, or --restart")
         state = checkpoint.load_state(path)
         meta = state["meta"]
         self._check_resumable(meta)
+        if self.place.enabled:  # saved by a single process: every rank reads it whole and keeps its shards
+            dcp_state.load_single_process_state(state, model=self.model, params=self.params,
+                                                optimizer=self.optimizer, teacher=self.teacher.state_tensors())
+            self.scheduler.load_state_dict({**state["scheduler"],
+                                            "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            self._resumed(meta)
+            return
         checkpoint.load_trainable(self.model, state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
