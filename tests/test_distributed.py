@@ -219,3 +219,26 @@ def test_distill_two_ranks_take_the_same_steps_and_resume_on_one(tiny_model_dir,
     ta, tb = one.teacher.state_tensors(), resumed.teacher.state_tensors()
     for k in ta:
         assert_rel_close(tb[k], ta[k])
+
+
+def test_distill_single_process_state_resumes_on_two_ranks(tiny_model_dir, tmp_path):
+    """LoRA with the EMA adapter teacher: 2 steps in one process, the third on 2 ranks = 3 steps in one process."""
+    cfg = distill_cfg(tiny_model_dir, tmp_path / "ref", lora=True, teacher="ema", teacher_rate=0.5,
+                      seed_engine=True, lr=1e-3, save_every=2)
+    ref = run_one(cfg)
+    run_one({**cfg, "steps": 2, "out": str(tmp_path / "part")})
+    torchrun(2, "distill", {**cfg, "out": str(tmp_path / "part")})
+    assert [r["step"] for r in log_of(tmp_path / "part")] == [1, 2, 3]
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("part", "ref"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_rel_close(a[k], b[k])
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert sum(not torch.equal(a[k], start[k]) for k in a) > 10  # the merged adapter moved the weights
+    # the EMA adapter the 2 ranks saved (in their DCP state) is the one-process run's
+    reloaded = run_one({**cfg, "out": str(tmp_path / "part")})  # resumes at step 3 of 3: loads, trains nothing
+    assert reloaded.step == 3
+    ema, got = ref.teacher.state_tensors(), reloaded.teacher.state_tensors()
+    assert ema.keys() == got.keys()
+    for k in ema:
+        assert_rel_close(got[k], ema[k])
