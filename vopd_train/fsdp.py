@@ -20,6 +20,7 @@ everything stays fp32.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -57,6 +58,9 @@ def shard_model(model: nn.Module, device: str) -> nn.Module:
     root, which FSDP requires before any unit is called on its own."""
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if str(device).startswith("cuda") else MixedPrecisionPolicy())
+    # FSDP warns that a unit returns a view (the backbone's hidden states); they are only ever indexed, never
+    # modified in place, which is what the warning is about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     ignored = replicated_params(model)
     kw: dict[str, Any] = {"mp_policy": mp, "ignored_params": ignored}
     for block in block_modules(model):
