@@ -45,6 +45,7 @@ from vopd_train.rollout import (
     build_sequences,
     encode_prompts,
     head_fn,
+    model_family,
     response_hidden,
 )
 from vopd_train.sampling import prompt_seed
@@ -394,13 +395,14 @@ class Distiller:
         """Teacher forward (no grad), student forward, per-token divergence, backward of Σ weight·loss."""
         cfg = self.cfg
         t = time.perf_counter()
-        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id).to(self.device)
+        family = model_family(self.model)
+        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
         teacher_hidden = self.teacher.hidden(teacher_batch)
         _sync(self.device)
         acc["t_teacher"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id).to(self.device)
+        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
         student_hidden = response_hidden(self.model, student_batch)
         out = chunked_divergence(
             student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,

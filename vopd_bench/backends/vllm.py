@@ -20,7 +20,7 @@ from typing import Any
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response
 from vopd_bench.errors import VopdError
-from vopd_bench.modeling import first_line, resolve_model_path
+from vopd_bench.modeling import first_line, resolve_model_path, say_once
 
 
 class VLLMBackend:
@@ -57,6 +57,7 @@ class VLLMBackend:
             self.engine_args["mm_processor_kwargs"] = dict(mm_processor_kwargs)
         self.llm = engine if engine is not None else _start_engine(self.engine_args)
         self._fingerprint: str | None = None
+        self.batch_splits = 0  # calls that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
         """The weights (as the `hf` backend hashes them) plus vLLM and the dtype: vLLM's kernels and a different
@@ -78,8 +79,12 @@ class VLLMBackend:
         try:
             return self._generate(requests, gen)
         except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. longer than max_model_len) fails the call
+            cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
+                return [Response("", error=cause)]
+            self.batch_splits += 1
+            say_once(f"vllm-split:{id(self)}", f"a batch of {len(requests)} requests failed ({cause}); its requests "
+                     "are retried one at a time to isolate the failing one (slower; run.json counts such splits)")
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
