@@ -40,7 +40,8 @@ HELP = (
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
     """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}.
-    The output folder is locked for the whole run: a second run on it is refused."""
+    The output folder is locked for the whole run: a second run on it is refused (the ranks of one torchrun job
+    share it)."""
     from vopd_bench.folder_lock import output_lock
 
     with output_lock(cfg.validate().out):
@@ -49,10 +50,13 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
 
 def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: Any,
                  show: Console | None) -> dict[str, Any]:
+    from vopd_bench import distributed
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 
     out = show or console
+    if distributed.place_from_env().rank != 0:  # under torchrun rank 0 alone prints
+        out = Console(quiet=True)
     if preset:
         out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False, soft_wrap=True)
     display = _Display(out, cfg)
@@ -80,8 +84,9 @@ def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: A
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                                  trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir,
                                  focus=cfg.focus)
-            print_before_after(measured.table, out)
-            out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
+            if measured is not None:  # None on the other ranks of a torchrun job
+                print_before_after(measured.table, out)
+                out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}
 
 

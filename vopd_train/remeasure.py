@@ -89,7 +89,7 @@ class Remeasure:
 
 def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str], out: Path, *, limit: int | None = None,
               batch_size: int = 16, max_new_tokens: int = 32, trust_remote_code: bool = False,
-              quiet: bool = False, data_dir: str | None = None, focus: bool = False) -> Remeasure:
+              quiet: bool = False, data_dir: str | None = None, focus: bool = False) -> Remeasure | None:
     """Run gap-report for both models (each resumable in its own folder) and write the comparison."""
     from vopd_bench.runner import GapReportConfig, run_gap_report
     from vopd_train.plots import plot_before_after
@@ -100,6 +100,8 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
                               max_new_tokens=max_new_tokens, out=str(out / name),
                               trust_remote_code=trust_remote_code, quiet=quiet, data_dir=data_dir, focus=focus)
         runs[name] = run_gap_report(cfg)
+    if runs["after"].summary is None:  # another rank of a torchrun job: rank 0 has the records and compares
+        return None
     table = before_after_table(runs["before"].records, runs["after"].records)
     if focus:
         import pandas as pd

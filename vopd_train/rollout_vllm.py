@@ -117,7 +117,8 @@ class VLLMRolloutEngine:
         # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
         # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, ()).item())
-        params = [self.sampling_params(settings, base + i * settings.n) for i in range(len(prompts))]
+        seeds = settings.prompt_seeds or [base + i * settings.n for i in range(len(prompts))]
+        params = [self.sampling_params(settings, seed) for seed in seeds]
         try:
             outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
         except ValueError as e:  # vLLM's input checks, e.g. a prompt longer than max_model_len
@@ -228,6 +229,10 @@ def export_weights(model: Any) -> dict[str, Tensor]:
     else:
         hf = model
         weights = _drop_tied(model.state_dict(), model)
+    # under FSDP each rank holds shards: gather every tensor whole (one collective each, the same order on all ranks)
+    from torch.distributed.tensor import DTensor
+
+    weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in weights.items()}
     return _checkpoint_names(hf, weights)
 
 
