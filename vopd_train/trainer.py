@@ -32,9 +32,11 @@ import torch
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint
+from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
-from vopd_train.data import PromptSet, batch_indices, load_prompts
-from vopd_train.losses import chunked_divergence, importance_weight, token_weights
+from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
+from vopd_train.evaluate import Validator
+from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.rollout import (
     EncodedPrompt,
     HFRolloutEngine,
@@ -68,6 +70,7 @@ class StepStats:
     t_student: float
     t_other: float
     t_step: float
+    anchor: float | None = None  # the crop anchor (KL(start ‖ student) on the crop), under the reduction's weights
 
 
 @dataclass
@@ -75,8 +78,10 @@ class TrainResult:
     out: Path
     model_dir: Path
     steps: int
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the training steps
     seconds: float = 0.0
+    evals: list[dict] = field(default_factory=list)  # the evaluations (--eval-every)
+    best: BestRecord | None = None  # the evaluation whose weights are in model_dir (None: the last weights)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -88,7 +93,8 @@ class Distiller:
     """Loads the model and data, then trains. `engine` replaces the HF `generate` rollouts (e.g. vLLM)."""
 
     def __init__(self, cfg: DistillConfig, *, engine: RolloutEngine | None = None,
-                 on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None,
+                 on_eval: Callable[[dict], None] | None = None, on_note: Callable[[str], None] | None = None):
         from vopd_bench.modeling import load_model, pick_device_dtype
 
         self.cfg = cfg.validate()
@@ -97,13 +103,23 @@ class Distiller:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.preset = preset or {}
-        self.on_step = on_step
+        self.on_step, self.on_eval = on_step, on_eval
+        note = on_note or (lambda _msg: None)
         self.device, _ = pick_device_dtype(cfg.device)
         view_cfg = ViewConfig(context=cfg.crop_context, min_side=cfg.crop_min_side, zoom=cfg.crop_zoom)
         self.data: PromptSet = load_prompts(cfg.data, student_view=cfg.student_view, view_config=view_cfg,
                                             limit=cfg.data_limit, data_dir=cfg.data_dir)
         self.skipped: dict[str, str] = {s["id"]: s["reason"] for s in self.data.skipped}
         self.total_steps = cfg.steps or math.ceil(len(self.data.prompts) / cfg.batch_size)
+        # --replay: the both-right cases go after the mined prompts; each batch takes a fixed share of them
+        self.n_mined, self.n_replay = len(self.data.prompts), 0
+        if cfg.replay > 0:
+            replay = load_prompts(str(replay_source(cfg.data)), student_view=cfg.student_view, view_config=view_cfg,
+                                  limit=cfg.data_limit, data_dir=cfg.data_dir)
+            self.data.prompts.extend(replay.prompts)
+            self.skipped.update({s["id"]: s["reason"] for s in replay.skipped})
+            self.n_replay = len(replay.prompts)
+        self.validator = self._validator()
 
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
@@ -117,6 +133,15 @@ class Distiller:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.teacher: Teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
+        self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
+        if cfg.crop_anchor > 0:
+            if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
+                self.anchor_ref = self.teacher
+            else:
+                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
+                if not cfg.lora:
+                    note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
+                         f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -131,6 +156,13 @@ class Distiller:
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
         self.step = 0
         self._resume_or_start()
+        self.best: BestKeeper | None = None
+        if self.validator is not None and cfg.keep_best != "last":
+            self.best = BestKeeper(self.out, cfg.keep_best)
+            if self.step:
+                self.best.load()
+            else:
+                self.best.clear()
         if self.step:  # an engine with its own copy of the weights (vLLM) still holds the starting ones
             self.engine.sync_weights(self.model)
 
@@ -173,6 +205,19 @@ class Distiller:
         self.step = int(meta["step"])
         _truncate_log(self.out / LOG_FILE, self.step)
 
+    def _validator(self) -> Validator | None:
+        from vopd_train.remeasure import held_out_benchmarks, validation_benchmarks
+
+        cfg = self.cfg
+        if cfg.eval_every is None:
+            return None
+        remeasured = held_out_benchmarks(self.data.kind, self.data.benchmarks, cfg.remeasure_benchmarks)
+        benches = validation_benchmarks(self.data.benchmarks, cfg.eval_benchmarks, remeasured)
+        if not benches:
+            raise VopdError("--eval-every: no validation benchmark known for this data; pass --eval-benchmarks")
+        return Validator(benches, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
+                         max_new_tokens=cfg.eval_max_new_tokens, data_dir=cfg.data_dir)
+
     def save_state(self) -> None:
         meta = {"step": self.step, "config": self._training_config(), "n_prompts": len(self.data.prompts),
                 "skipped": self.skipped}
@@ -188,6 +233,8 @@ class Distiller:
     def train(self) -> TrainResult:
         t0 = time.perf_counter()
         with (self.out / LOG_FILE).open("a", encoding="utf-8") as log:
+            if self.validator is not None and self.step == 0:
+                self.evaluate(log)  # the starting model: the baseline of the curves, and a candidate
             while self.step < self.total_steps:
                 stats = self.train_step(self.step)
                 self.step += 1
@@ -195,15 +242,64 @@ class Distiller:
                 log.flush()
                 if self.on_step is not None:
                     self.on_step(stats)
-                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                evaluated = self.validator is not None and (self.step % self.cfg.eval_every == 0
+                                                            or self.step == self.total_steps)
+                if evaluated:
+                    self.evaluate(log)
+                # saved after every evaluation too, so a resumed run holds the same best-so-far (see best.py)
+                if evaluated or self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_state()
-        model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
-        history = read_log(self.out / LOG_FILE)
-        if history:
+        model_dir = self._save_model()
+        if self.best is not None and self.best.best is not None:  # which step won, and why
+            save_yaml(self.cfg, self.out / "config.yaml", {"preset_applied": self.preset,
+                                                            "best": best_summary(self.best.best)})
+        history, evals = split_log(read_log(self.out / LOG_FILE))
+        self._plot(history, evals)
+        return TrainResult(self.out, model_dir, self.step, history, time.perf_counter() - t0, evals,
+                           self.best.best if self.best is not None else None)
+
+    def evaluate(self, log: Any) -> dict:
+        """Validate the live model, log the result, and keep its weights if they are the best so far."""
+        t = time.perf_counter()
+        metrics = self.validator.evaluate(self.model, self.processor).metrics()
+        won = self.best is not None and self.best.offer(self.step, metrics,
+                                                        lambda: checkpoint.trainable_tensors(self.model))
+        row = {"step": self.step, "kind": "eval", **metrics, "best": won, "t_eval": time.perf_counter() - t}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if self.on_eval is not None:
+            self.on_eval(row)
+        self._plot(*split_log(read_log(self.out / LOG_FILE)))  # watchable while the run goes on
+        return row
+
+    def _plot(self, history: list[dict], evals: list[dict]) -> None:
+        if history or evals:
             from vopd_train.plots import plot_curves
 
-            plot_curves(history, self.out / "train_curves.png")
-        return TrainResult(self.out, model_dir, self.step, history, time.perf_counter() - t0)
+            best = self.best.best.step if self.best is not None and self.best.best is not None else None
+            plot_curves(history, self.out / "train_curves.png", evals=evals, best_step=best)
+
+    def _save_model(self) -> Path:
+        """OUT/model: the best evaluated weights (the last without selection); OUT/model_last on request."""
+        best = self.best.best if self.best is not None else None
+        last_dir = self.out / "model_last"
+        if best is None or best.step == self.step:
+            model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
+            if self.cfg.keep_last:  # the last weights are the best ones
+                shutil.rmtree(last_dir, ignore_errors=True)
+                shutil.copytree(model_dir, last_dir)
+            return model_dir
+        if self.cfg.keep_last:
+            if self.cfg.lora:  # merging is in place: keep the adapter, merge it into a fresh base afterwards
+                self.model.save_pretrained(self.out / "adapter_last")
+            else:
+                self.model.save_pretrained(last_dir, safe_serialization=True)
+                self.processor.save_pretrained(last_dir)
+        checkpoint.load_trainable(self.model, self.best.tensors())
+        model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
+        if self.cfg.keep_last and self.cfg.lora:
+            checkpoint.merge_lora(self.cfg.model, self.out / "adapter_last", last_dir)
+        return model_dir
 
     def _render(self, indices: list[int]) -> tuple[list[EncodedPrompt], list[EncodedPrompt]]:
         students, teachers, texts = [], [], []
@@ -223,7 +319,7 @@ class Distiller:
         cfg = self.cfg
         _set_step_seed(step_seed(cfg.seed, step))
         t_start = time.perf_counter()
-        indices = batch_indices(len(self.data.prompts), cfg.batch_size, step, cfg.seed)
+        indices = self._batch_indices(step)
         student_prompts, teacher_prompts = self._render(indices)
 
         t = time.perf_counter()
@@ -238,7 +334,7 @@ class Distiller:
         if rollouts and all(r.logprobs is not None for r in rollouts):
             behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(self.device)
 
-        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "t_teacher": 0.0, "t_student": 0.0}
+        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "anchor": 0.0, "t_teacher": 0.0, "t_student": 0.0}
         grad_norm = float("nan")
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
@@ -275,7 +371,15 @@ class Distiller:
             is_weight=(acc["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
             t_rollout=t_rollout, t_teacher=acc["t_teacher"], t_student=acc["t_student"],
             t_other=t_step - t_rollout - acc["t_teacher"] - acc["t_student"], t_step=t_step,
+            anchor=acc["anchor"] / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
         )
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """The step's prompts: the mined ones and, with --replay, a fixed share of both-right ones after them."""
+        cfg = self.cfg
+        k = replay_count(cfg.batch_size, cfg.replay) if self.n_replay else 0
+        mined = batch_indices(self.n_mined, cfg.batch_size - k, step, cfg.seed)
+        return mined + [self.n_mined + i for i in batch_indices(self.n_replay, k, step, cfg.seed + 1)] if k else mined
 
     def _micro_batches(self, rollouts: list) -> list[list[int]]:
         """Groups of sequence indices made of whole prompts, so a prompt's image is encoded once per forward."""
@@ -308,9 +412,23 @@ class Distiller:
             acc["isw"] += float((iw * weights).sum())
             w = w * iw
         (out.loss * w).sum().backward()
+        if self.anchor_ref is not None:
+            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
+            (cfg.crop_anchor * anchor).backward()
+            acc["anchor"] += float(anchor.detach())
         _sync(self.device)
         acc["t_student"] += time.perf_counter() - t
         return out
+
+    def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
+        cfg, ref = self.cfg, self.anchor_ref
+        ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch)
+        out = chunked_divergence(
+            response_hidden(self.model, crop_batch), ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
+            alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
+            chunk_size=cfg.loss_chunk_size)
+        return (out.loss * weights).sum()
 
 
 def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
@@ -338,6 +456,11 @@ def _set_step_seed(seed: int) -> None:
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def split_log(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """train_log.jsonl rows as (training steps, evaluations)."""
+    return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
 
 
 def read_log(path: Path) -> list[dict]:

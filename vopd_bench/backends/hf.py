@@ -29,6 +29,17 @@ class HFBackend:
         self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
         self._fingerprint: str | None = None
 
+    @classmethod
+    def from_loaded(cls, model, processor, *, name: str, batch_size: int = 16) -> HFBackend:
+        """Wrap a model already in memory, as it is now (the trainer evaluates its live model this way: no reload,
+        no copy). `name` stands in for the fingerprint: the weights change between calls."""
+        self = cls.__new__(cls)
+        self.model_name, self.model, self.processor = name, model, processor
+        self.preferred_batch_size = batch_size
+        self._bad_ids = [[i] for i in vision_token_ids(processor)]
+        self._fingerprint = name
+        return self
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(resolve_model_path(self.model_name), self.model)
