@@ -201,3 +201,16 @@ def test_replay_mixes_a_fixed_share_of_both_right_cases(tiny_model_dir, tmp_path
         assert len(idx) == 4 and sum(i >= 6 for i in idx) == 1  # 3 mined + 1 replayed, every step
     replayed = {d.data.prompts[i].id for step in range(4) for i in d._batch_indices(step) if i >= 6}
     assert replayed == {f"synthetic:train/{i}" for i in ("train-00006", "train-00007", "train-00008", "train-00009")}
+
+
+def test_the_toy_preset_on_mined_failures_keeps_the_crop_view(tmp_path):
+    from vopd_train.config import TOY_FAILURES_PRESET, resolve
+
+    lonely = write_mined(tmp_path / "lonely", {"failures.jsonl": range(2)})
+    mined = write_mined(tmp_path / "mined", {"failures.jsonl": range(2), "both_right.jsonl": range(2, 4)})
+    cfg, preset = resolve("toy", {"data": str(mined), "out": "o"})
+    assert cfg.replay == TOY_FAILURES_PRESET["replay"] > 0 and preset["replay"] == cfg.replay
+    assert cfg.eval_every and cfg.keep_best == "mean_full_crop"  # the toy is watched, and keeps its best
+    assert resolve("toy", {"data": str(lonely), "out": "o"})[0].replay == 0.0
+    assert resolve("toy", {"data": str(mined), "out": "o", "replay": 0.0})[0].replay == 0.0  # a flag wins
+    assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].replay == 0.0

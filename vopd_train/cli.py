@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vopd_train.config import TOY_PRESET, DistillConfig, resolve
+from vopd_train.config import TOY_FAILURES_PRESET, TOY_PRESET, DistillConfig, resolve
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 console = Console()
@@ -179,6 +179,8 @@ _config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, anno
                                                        "below, with - or _); flags given here override it."))
 distill_command.__signature__ = inspect.Signature([_model_param, _config_param, *_option_params()])  # type: ignore[attr-defined]
 distill_command.__annotations__ = {p.name: p.annotation for p in distill_command.__signature__.parameters.values()}  # type: ignore[attr-defined]
-_HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items()))
+_HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items())
+                    + "; on a failures.jsonl with both_right.jsonl beside it also "
+                    + ", ".join(f"{k} {v}" for k, v in TOY_FAILURES_PRESET.items()))
 distill_command.__doc__ = _HELP
 app.command("distill", help=_HELP)(distill_command)

@@ -199,11 +199,20 @@ TOY_PRESET: dict[str, Any] = {
     "warmup_steps": 10,
     "topk": 0,
     "threads": 1,
+    "eval_every": 50,
+    "eval_limit": 128,
 }
+# On mined failures (a gap-report failures.jsonl with its both_right.jsonl beside it) the toy also gets what keeps
+# its crop view (benchmarks/README.md, "Training on mined failures").
+TOY_FAILURES_PRESET: dict[str, Any] = {"replay": 0.25}
 
 
-def preset_for(model: str) -> dict[str, Any]:
-    return dict(TOY_PRESET) if model == "toy" else {}
+def preset_for(model: str, data: str = "") -> dict[str, Any]:
+    if model != "toy":
+        return {}
+    path = Path(data).expanduser() if data else None
+    mined = path is not None and path.suffix == ".jsonl" and (path.parent / "both_right.jsonl").is_file()
+    return {**TOY_PRESET, **(TOY_FAILURES_PRESET if mined else {})}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -229,12 +238,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def resolve(model: str, overrides: dict[str, Any], config_file: str | None = None) -> tuple[DistillConfig, dict]:
     """Build the config: defaults < toy preset < YAML < `overrides` (None = not given). Returns it and the preset
     values that ended up in force (for printing and recording)."""
-    values: dict[str, Any] = {}
-    preset = preset_for(model)
-    values.update(preset)
-    if config_file:
-        values.update(load_yaml(config_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = load_yaml(config_file) if config_file else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    preset = preset_for(model, str(given.get("data") or ""))
+    values: dict[str, Any] = {**preset, **given}
     values["model"] = model
     cfg = DistillConfig(**_coerce(values)).validate()
     in_force = {k: v for k, v in preset.items() if getattr(cfg, k) == v}
