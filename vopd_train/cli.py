@@ -40,7 +40,6 @@ HELP = (
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
     """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}."""
-    from vopd_train.data import replay_count
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 
@@ -56,6 +55,8 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
               f"teacher {cfg.teacher}, {'LoRA' if cfg.lora else 'full fine-tuning'}, device {trainer.device}",
               highlight=False, soft_wrap=True)
     if trainer.n_replay:
+        from vopd_train.data import replay_count
+
         out.print(f"replay: {trainer.n_replay} both-right cases, {replay_count(cfg.batch_size, cfg.replay)} of "
                   f"every {cfg.batch_size} prompts", highlight=False, soft_wrap=True)
     if trainer.validator is not None:
