@@ -103,8 +103,7 @@ class Distiller:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.preset = preset or {}
-        self.on_step, self.on_eval = on_step, on_eval
-        note = on_note or (lambda _msg: None)
+        self.on_step = on_step
         self.device, _ = pick_device_dtype(cfg.device)
         view_cfg = ViewConfig(context=cfg.crop_context, min_side=cfg.crop_min_side, zoom=cfg.crop_zoom)
         self.data: PromptSet = load_prompts(cfg.data, student_view=cfg.student_view, view_config=view_cfg,
@@ -120,6 +119,7 @@ class Distiller:
             self.skipped.update({s["id"]: s["reason"] for s in replay.skipped})
             self.n_replay = len(replay.prompts)
         self.validator = self._validator()
+        self.on_eval = on_eval
 
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
@@ -133,15 +133,6 @@ class Distiller:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.teacher: Teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
-        self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
-        if cfg.crop_anchor > 0:
-            if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
-                self.anchor_ref = self.teacher
-            else:
-                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
-                if not cfg.lora:
-                    note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
-                         f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -154,6 +145,16 @@ class Distiller:
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
+
+        self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
+        if cfg.crop_anchor > 0:
+            if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
+                self.anchor_ref = self.teacher
+            else:
+                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
+                if not cfg.lora and on_note is not None:
+                    on_note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
+                            f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
         self.step = 0
         self._resume_or_start()
         self.best: BestKeeper | None = None
