@@ -214,3 +214,24 @@ def test_the_toy_preset_on_mined_failures_keeps_the_crop_view(tmp_path):
     assert resolve("toy", {"data": str(lonely), "out": "o"})[0].replay == 0.0
     assert resolve("toy", {"data": str(mined), "out": "o", "replay": 0.0})[0].replay == 0.0  # a flag wins
     assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].replay == 0.0
+
+
+def test_in_place_validation_matches_a_gap_report_of_the_same_weights(tmp_path):
+    """The toy evaluated in place, as the trainer does, scores what gap-report scores loading it from disk; the
+    model comes back unchanged and in the mode it was in."""
+    from vopd_bench.modeling import load_model
+    from vopd_bench.runner import GapReportConfig, run_gap_report
+    from vopd_train.evaluate import Validator
+
+    model, processor = load_model("toy", device="cpu", dtype="float32")
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = Validator(["synthetic:validation"], limit=12, batch_size=8, max_new_tokens=4).evaluate(model, processor)
+    assert model.training and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    report = run_gap_report(GapReportConfig(model="toy", benchmarks=["synthetic:validation"], limit=12,
+                                            max_new_tokens=4, out=str(tmp_path / "gr"), quiet=True))
+    s = report.summary.set_index(["category", "metric"])["value"]
+    assert result.n == 12 and result.n_left_out == 0
+    assert result.acc_full == pytest.approx(s[("all", "acc_full")])
+    assert result.acc_crop == pytest.approx(s[("all", "acc_crop")]) and result.acc_crop > result.acc_full
+    assert result.acc_box == pytest.approx(s[("all", "acc_box")])

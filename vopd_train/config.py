@@ -169,6 +169,7 @@ class DistillConfig:
         need(self.keep_best in KEEP_BEST, f"--keep-best must be one of {', '.join(KEEP_BEST)}")
         need(self.crop_anchor >= 0, "--crop-anchor must be ≥ 0")
         need(0.0 <= self.replay < 1.0, "--replay must be in [0, 1)")
+        need(self.replay == 0 or self.batch_size >= 2, "--replay needs --batch-size ≥ 2 (one mined, one replayed)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
