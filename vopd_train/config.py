@@ -137,6 +137,8 @@ class DistillConfig:
     remeasure_benchmarks: str = _opt("", "Comma-separated held-out benchmarks for the re-measure; none = the "
                                          "synthetic test split when training on synthetic data.")
     remeasure_limit: int | None = _opt(None, "Ask at most this many samples per held-out benchmark in the re-measure.")
+    focus: bool = _opt(False, "Re-measure with gap-report --focus: before_after.csv also compares the attention "
+                              "on the evidence (focus_<view> rows) before and after.")
 
     def validate(self) -> DistillConfig:
         def need(ok: bool, msg: str) -> None:
@@ -184,7 +186,8 @@ class DistillConfig:
 # Fields that do not change the trained weights: a resumed run may change them freely.
 # The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
-                "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode"}
+                "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
+                "focus"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.
