@@ -206,14 +206,13 @@ def test_replay_mixes_a_fixed_share_of_both_right_cases(tiny_model_dir, tmp_path
 def test_the_toy_preset_on_mined_failures_keeps_the_crop_view(tmp_path):
     from vopd_train.config import TOY_FAILURES_PRESET, resolve
 
-    lonely = write_mined(tmp_path / "lonely", {"failures.jsonl": range(2)})
-    mined = write_mined(tmp_path / "mined", {"failures.jsonl": range(2), "both_right.jsonl": range(2, 4)})
+    mined = write_mined(tmp_path / "mined", {"failures.jsonl": range(2)})
     cfg, preset = resolve("toy", {"data": str(mined), "out": "o"})
-    assert cfg.replay == TOY_FAILURES_PRESET["replay"] > 0 and preset["replay"] == cfg.replay
+    assert cfg.crop_anchor == TOY_FAILURES_PRESET["crop_anchor"] > 0 and preset["crop_anchor"] == cfg.crop_anchor
     assert cfg.eval_every and cfg.keep_best == "mean_full_crop"  # the toy is watched, and keeps its best
-    assert resolve("toy", {"data": str(lonely), "out": "o"})[0].replay == 0.0
-    assert resolve("toy", {"data": str(mined), "out": "o", "replay": 0.0})[0].replay == 0.0  # a flag wins
-    assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].replay == 0.0
+    assert resolve("toy", {"data": "synthetic:train", "out": "o"})[0].crop_anchor == 0.0
+    assert resolve("toy", {"data": str(mined), "out": "o", "crop_anchor": 0.0})[0].crop_anchor == 0.0  # a flag wins
+    assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].crop_anchor == 0.0
 
 
 def test_in_place_validation_matches_a_gap_report_of_the_same_weights(tmp_path):

@@ -182,7 +182,7 @@ _config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, anno
 distill_command.__signature__ = inspect.Signature([_model_param, _config_param, *_option_params()])  # type: ignore[attr-defined]
 distill_command.__annotations__ = {p.name: p.annotation for p in distill_command.__signature__.parameters.values()}  # type: ignore[attr-defined]
 _HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items())
-                    + "; on a failures.jsonl with both_right.jsonl beside it also "
+                    + "; on a gap-report failures.jsonl also "
                     + ", ".join(f"{k} {v}" for k, v in TOY_FAILURES_PRESET.items()))
 distill_command.__doc__ = _HELP
 app.command("distill", help=_HELP)(distill_command)

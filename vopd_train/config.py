@@ -206,16 +206,16 @@ TOY_PRESET: dict[str, Any] = {
     "eval_every": 50,
     "eval_limit": 128,
 }
-# On mined failures (a gap-report failures.jsonl with its both_right.jsonl beside it) the toy also gets what keeps
-# its crop view (benchmarks/README.md, "Training on mined failures").
-TOY_FAILURES_PRESET: dict[str, Any] = {"replay": 0.25}
+# On mined failures (a gap-report failures.jsonl) the toy also gets what kept its crop view there: the crop anchor
+# (benchmarks/README.md, "Training on mined failures"; replay did not).
+TOY_FAILURES_PRESET: dict[str, Any] = {"crop_anchor": 0.3}
 
 
 def preset_for(model: str, data: str = "") -> dict[str, Any]:
     if model != "toy":
         return {}
     path = Path(data).expanduser() if data else None
-    mined = path is not None and path.suffix == ".jsonl" and (path.parent / "both_right.jsonl").is_file()
+    mined = path is not None and path.suffix == ".jsonl" and path.is_file()
     return {**TOY_PRESET, **(TOY_FAILURES_PRESET if mined else {})}
 
 
