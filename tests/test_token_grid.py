@@ -5,15 +5,11 @@ end to end on each family's tiny checkpoint."""
 import pytest
 import torch
 from PIL import Image
+from tiny_fixtures import tiny_family_dir  # noqa: F401
 
-from vopd_bench import tiny
 from vopd_bench.modeling import encode, load_model
 from vopd_bench.token_grid import token_grid
 
-# vopd_bench.tiny.build_tiny (issue 9) builds tiny checkpoints of the other Qwen-VL families. Until it is merged
-# this branch has only Qwen2-VL; after the merge `build_tiny` exists and every family below runs. The lead
-# removes this guard (and the skipif that uses it) once issue 9 is merged.
-HAVE_BUILD_TINY = hasattr(tiny, "build_tiny")
 FAMILIES = ("qwen2.5-vl", "qwen3-vl", "qwen3.5")
 
 
@@ -51,23 +47,21 @@ def test_qwen2_vl_map_matches_the_model_grid(tiny_model_dir, one_thread):
     _check_against_model_grid(model, processor)
 
 
-@pytest.mark.skipif(not HAVE_BUILD_TINY, reason="needs vopd_bench.tiny.build_tiny from issue 9 (guard to remove)")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_map_and_end_to_end(family, tmp_path, one_thread):
-    path = tiny.build_tiny(family, tmp_path / family)
+def test_family_map_and_end_to_end(family, tmp_path, one_thread, tiny_family_dir):  # noqa: F811
+    path = tiny_family_dir(family)
     model, processor = load_model(str(path))
     _check_against_model_grid(model, processor)
     _focus_selfcrop_end_to_end(path, tmp_path / "out")
 
 
-@pytest.mark.skipif(not HAVE_BUILD_TINY, reason="needs vopd_bench.tiny.build_tiny from issue 9 (guard to remove)")
-def test_family_without_a_map_is_refused_in_one_line(tmp_path):
+def test_family_without_a_map_is_refused_in_one_line(tmp_path, tiny_family_dir):  # noqa: F811
     from typer.testing import CliRunner
 
     from vopd_bench.cli import app
     from vopd_bench.errors import VopdError
 
-    path = tiny.build_tiny("llava-onevision", tmp_path / "llava")  # anyres tiling: no token-to-region map here
+    path = tiny_family_dir("llava-onevision")  # anyres tiling: no token-to-region map here
     res = CliRunner().invoke(app, ["gap-report", str(path), "--focus", "--limit", "1", "--out", str(tmp_path / "o"),
                                    "-q"])
     assert isinstance(res.exception, VopdError) and "\n" not in str(res.exception)
