@@ -52,7 +52,8 @@ def test_cli_end_to_end_with_limit(tiny_model_dir, tmp_path):
     res = _run_cli("gap-report", str(tiny_model_dir), "--limit", "6", "--max-new-tokens", "3", "--out", str(out),
                    "--batch-size", "4")
     assert res.returncode == 0, res.stderr
-    for name in ("summary.csv", "samples.jsonl", "failures.jsonl", "report.md", "run.json", "accuracy.png"):
+    for name in ("summary.csv", "samples.jsonl", "failures.jsonl", "both_right.jsonl", "report.md", "run.json",
+                 "accuracy.png"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 18 and {r["view"] for r in records} == {"full", "crop", "box"}
@@ -115,6 +116,7 @@ def test_gap_matches_hand_count(tmp_path):
     failures = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["sample_id"] for f in failures) == sorted(answers)
     assert all(f["boxes"] and f["question"] and f["options"] for f in failures)
+    assert (tmp_path / "both_right.jsonl").read_text() == ""  # the full view is never right here
 
 
 def test_killed_run_resumes_to_identical_summary(tiny_model_dir, tmp_path):

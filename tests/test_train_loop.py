@@ -230,7 +230,7 @@ def test_cli_end_to_end_with_remeasure_and_reload_in_gap_report(tiny_model_dir, 
     out = tmp_path / "e2e"
     args = ["distill", str(tiny_model_dir), "--data", "synthetic:train", "--out", str(out), "--data-limit", "4",
             "--steps", "2", "--batch-size", "2", "--n-rollouts", "2", "--max-new-tokens", "3", "--topk", "10",
-            "--lr", "1e-3", "--teacher", "trust-region", "--eval-limit", "4", "--eval-max-new-tokens", "2",
+            "--lr", "1e-3", "--teacher", "trust-region", "--remeasure-limit", "4", "--eval-max-new-tokens", "2",
             "--quiet", "--threads", "1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -522,6 +522,9 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
         if avg:
             summary = pd.concat([summary, pd.DataFrame(avg)], ignore_index=True)
     summary.to_csv(out_dir / "summary.csv", index=False)
+    with (out_dir / "both_right.jsonl").open("w", encoding="utf-8") as f:  # for `vopd distill --replay`
+        for row in analysis.both_right(records):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with (out_dir / "failures.jsonl").open("w", encoding="utf-8") as f:
         for row in analysis.failures(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

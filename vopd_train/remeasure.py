@@ -119,7 +119,7 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
 
 
 def held_out_benchmarks(data_kind: str, data_benchmarks: list[str], requested: str) -> list[str]:
-    """`--eval-benchmarks` when given; for synthetic training data the synthetic test split (validation when the
+    """`--remeasure-benchmarks` when given; for synthetic training data the synthetic test split (validation when the
     prompts came from the test split); otherwise none."""
     chosen = [b.strip() for b in requested.split(",") if b.strip()]
     if chosen:
@@ -129,3 +129,21 @@ def held_out_benchmarks(data_kind: str, data_benchmarks: list[str], requested: s
         trained_on_test = any(b in ("synthetic", "synthetic:test") for b in data_benchmarks)
         return ["synthetic:validation" if trained_on_test else "synthetic:test"]
     return []
+
+
+def validation_benchmarks(data_benchmarks: list[str], requested: str, remeasured: list[str]) -> list[str]:
+    """`--eval-benchmarks` when given; for synthetic training data the first synthetic split that is neither trained
+    on nor used by the re-measure (validation, as a rule: choosing a checkpoint on the test split would flatter
+    it); otherwise none."""
+    chosen = [b.strip() for b in requested.split(",") if b.strip()]
+    if chosen:
+        return chosen
+    if not data_benchmarks or not all(b.split(":")[0] == "synthetic" for b in data_benchmarks):
+        return []
+    taken = {_synthetic_split(b) for b in [*data_benchmarks, *remeasured] if b.split(":")[0] == "synthetic"}
+    free = [s for s in ("validation", "train", "test") if s not in taken]
+    return [f"synthetic:{free[0]}"] if free else []
+
+
+def _synthetic_split(name: str) -> str:
+    return name.partition(":")[2] or "test"

@@ -23,22 +23,35 @@ class HFBackend:
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, batch_size: int = 16, threads: int | None = None):
-        self.model_name = model
-        self.model, self.processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        if threads and self.model.device.type == "cpu":
+        net, processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if threads and net.device.type == "cpu":
             import torch
 
             torch.set_num_threads(threads)
+        self._attach(model, net, processor, batch_size)
+        self._fingerprint: str | None = None
+
+    def _attach(self, name: str, model, processor, batch_size: int) -> None:
+        """Everything but loading: shared by a loaded model and one wrapped as it is (`from_loaded`)."""
+        self.model_name, self.model, self.processor = name, model, processor
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
         self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
-        self._fingerprint: str | None = None
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
         family = family_of(self.model.config)
         image_processor = getattr(self.processor, "image_processor", None)
         # the most pixels the processor keeps of any image: larger JPEGs may be decoded at a reduced size
         self.view_pixels = family.pixel_budget(image_processor) if family.pixel_budget and image_processor else None
+
+    @classmethod
+    def from_loaded(cls, model, processor, *, name: str, batch_size: int = 16) -> HFBackend:
+        """Wrap a model already in memory, as it is now (the trainer evaluates its live model this way: no reload,
+        no copy). `name` stands in for the fingerprint: the weights change between calls."""
+        self = cls.__new__(cls)
+        self._attach(name, model, processor, batch_size)
+        self._fingerprint = name
+        return self
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
