@@ -115,8 +115,25 @@ def test_union_area_relative_area() -> None:
     assert geometry.area((10.0, 10.0, 90.0, 50.0)) == 80 * 40
     # union (0,0,50,40) covers 2000 of 100*80 = 8000 pixels
     assert geometry.relative_area([(0, 0, 50, 20), (0, 20, 50, 40)], 100, 80) == pytest.approx(0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^union of no boxes$"):
         geometry.union([])
+
+
+def test_area_uses_each_axis_and_is_zero_for_a_degenerate_box() -> None:
+    assert geometry.area((2.0, 30.0, 7.0, 33.0)) == 5 * 3  # x1 != y1, so a mixed-up index changes the result
+    assert geometry.area((5.0, 5.0, 5.0, 9.0)) == 0.0
+    assert geometry.area((5.0, 5.0, 9.0, 5.0)) == 0.0
+    assert geometry.area((5.0, 5.0, 5.5, 5.25)) == pytest.approx(0.125)  # sub-pixel sides are not raised to 1
+
+
+def test_clamp_box_keeps_sub_pixel_edges_and_names_the_box_to_one_decimal() -> None:
+    assert geometry.clamp_box((3.0, -4.0, 9.0, 0.5), 100, 50) == ((3.0, 0.0, 9.0, 0.5), True)
+    with pytest.raises(SampleError, match=r"^box \(101\.3, 2\.0, 120\.0, 7\.5\) lies outside the 100x50 image$"):
+        geometry.clamp_box((101.26, 2.0, 120.0, 7.5), 100, 50)
+
+
+def test_parse_boxes_reads_one_flat_box_in_its_format() -> None:
+    assert geometry.parse_boxes([10, 20, 5, 6], "xywh") == ((10.0, 20.0, 15.0, 26.0),)
 
 
 # --------------------------------------------------------------------------------------------------------------

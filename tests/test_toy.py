@@ -22,7 +22,6 @@ VIEWS = ("full", "crop", "box")
 
 @pytest.fixture(scope="module")
 def toy():
-    torch.set_num_threads(1)  # the toy's recorded numbers were measured single-threaded, like its build
     return load_model("toy")
 
 
