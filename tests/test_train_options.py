@@ -86,22 +86,24 @@ def spy_weights(monkeypatch) -> list[torch.Tensor]:
 # --gradient-checkpointing, --loss-chunk-size: same gradients, computed differently
 
 
-def _decoder_layer(model) -> torch.nn.Module:
-    return next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
-
-
-def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradients(tiny_model_dir, tmp_path):
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(tiny_model_dir, tmp_path):
     results = {}
     for on in (False, True):
         d = Distiller(cfg_for(tiny_model_dir, tmp_path / str(on), steps=1, gradient_checkpointing=on),
                       engine=FakeEngine())
-        calls = []
-        _decoder_layer(d.model).register_forward_hook(lambda *a, calls=calls: calls.append(1))
-        d.train_step(0)
-        results[on] = (grads(d), len(calls))
+        saved = [0]
+
+        def pack(t, saved=saved):
+            saved[0] += 1
+            return t
+
+        # every tensor autograd keeps for the backward pass goes through `pack`; checkpointed layers keep only
+        # their inputs and recompute the rest
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            d.train_step(0)
+        results[on] = (grads(d), saved[0])
     (plain, n_plain), (ckpt, n_ckpt) = results[False], results[True]
-    # teacher + student forward, and with checkpointing the student's layer runs again in the backward pass
-    assert n_ckpt > n_plain
+    assert n_ckpt < n_plain * 0.75, (n_ckpt, n_plain)
     assert plain.keys() == ckpt.keys() and plain
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-7, msg=name)
@@ -186,9 +188,9 @@ def test_prompts_that_cannot_be_used_are_listed_in_skipped_jsonl(tiny_model_dir,
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     d = Distiller(cfg_for(tiny_model_dir, tmp_path / "s", data=f"local:{data}", data_limit=None, steps=1,
                           batch_size=3, n_rollouts=1), engine=FakeEngine())
-    assert sorted(p.id for p in d.data.prompts) == ["q0", "q2", "q3"]
+    assert sorted(p.id.rsplit("/", 1)[-1] for p in d.data.prompts) == ["q0", "q2", "q3"]
     result = d.train()
-    skipped = {r["id"]: r["reason"] for r in map(json.loads, (result.out / "skipped.jsonl").read_text().splitlines())}
+    skipped = {r["id"].rsplit("/", 1)[-1]: r["reason"] for r in map(json.loads, (result.out / "skipped.jsonl").read_text().splitlines())}
     assert skipped.keys() == {"q1", "q2"}
     assert "no evidence box" in skipped["q1"] and "missing.png" in skipped["q2"]
     assert result.history[0]["sequences"] == 2 and result.history[0]["skipped"] == 2
