@@ -83,16 +83,37 @@ def scratch_copy(module: str, tests: list[str], root: Path) -> Path:
     return work
 
 
-def run_module(module: str, tests: list[str], root: Path, max_children: int) -> ModuleResult:
-    work = scratch_copy(module, tests, root)
+def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # mutmut puts its mutants/ first; a worktree on the path would shadow them
-    log = work / "mutmut.log"
-    with log.open("w") as out:
+    return env
+
+
+def run_module(module: str, tests: list[str], root: Path, max_children: int,
+               rerun_survivors: bool = False) -> ModuleResult:
+    """Mutate `module` and test every mutant; with `rerun_survivors`, reuse the last run's scratch copy, refresh
+    its tests from the repository and test only the mutants that survived there (after new tests were written)."""
+    work = root / module.replace("/", "__").removesuffix(".py")
+    names: list[str] = []
+    if rerun_survivors and (work / "mutants").is_dir():
+        names = results(work)[1]
+        for dest in (work / "tests", work / "mutants" / "tests"):
+            shutil.rmtree(dest)
+            shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if not names:
+            return ModuleResult(module, *results(work))
+    else:
+        work = scratch_copy(module, tests, root)
+    with (work / "mutmut.log").open("a") as out:
         subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+            cwd=work, env=_env(), stdout=out, stderr=subprocess.STDOUT, check=False,
         )
+    return ModuleResult(module, *results(work))
+
+
+def results(work: Path) -> tuple[dict[str, int], list[str]]:
+    env = _env()
     listing = subprocess.run(
         [sys.executable, "-m", "mutmut", "results", "--all", "true"],
         cwd=work, env=env, capture_output=True, text=True, check=True,
@@ -107,7 +128,7 @@ def run_module(module: str, tests: list[str], root: Path, max_children: int) -> 
         counts[status] = counts.get(status, 0) + 1
         if status == "survived":
             survivors.append(name)
-    return ModuleResult(module, counts, survivors)
+    return counts, survivors
 
 
 def show(work: Path, name: str) -> str:
@@ -124,12 +145,14 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of each survivor")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="test only the last run's survivors again, against the repository's current tests")
     args = parser.parse_args()
 
     ensure_mutmut()
     results = []
     for module in args.module or list(CORES):
-        result = run_module(module, CORES[module], args.work, args.max_children)
+        result = run_module(module, CORES[module], args.work, args.max_children, args.rerun_survivors)
         results.append(result)
         print(f"{module}: {result.kill_rate:.1%} caught of {result.decided} "
               f"({json.dumps(result.counts, sort_keys=True)})", flush=True)

@@ -264,3 +264,10 @@ def test_render_views_and_hint() -> None:
     assert views.render("crop", img, q, boxes, provided_crop=provided).image is provided
     with pytest.raises(ValueError, match="unknown view"):
         views.render("zoom", img, q, boxes)
+
+
+def test_crop_region_defaults_are_tight_with_a_28_pixel_floor() -> None:
+    # a 10-px box centred at 15: context 1.0 keeps it, the 28-px floor widens it to 1..29 on both axes
+    assert geometry.crop_region([(10.0, 10.0, 20.0, 20.0)], 100, 100) == (1, 1, 29, 29)
+    # a 40 × 30 box is above the floor: exactly its own extent
+    assert geometry.crop_region([(10.0, 20.0, 50.0, 50.0)], 100, 100) == (10, 20, 50, 50)
