@@ -24,7 +24,7 @@ def _tracked_files() -> list[Path]:
 
 @pytest.mark.parametrize(
     "text, found",
-    [("see /home/alice/src/x.py", True), ("/Users/bob/Library", True), ("C:\\Users\\eve\\x", True),
+    [("see /" + "home/alice/src/x.py", True), ("/" + "Users/bob/Library", True), ("C:\\" + "Users\\eve\\x", True),
      ("cd /" + "root/vopd", True), ("/" + "work/main/.venv/bin/python", True),
      ("reports/toy/report.md", False), ("/tmp/run", False), ("https://example.org/home/page/", False)],
 )
