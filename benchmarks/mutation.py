@@ -97,6 +97,7 @@ def run_module(module: str, tests: list[str], root: Path, max_children: int,
     names: list[str] = []
     if rerun_survivors and (work / "mutants").is_dir():
         names = results(work)[1]
+        names += [n for n in _listing(work) if _listing(work)[n] == "timeout"]  # a loaded machine times out
         for dest in (work / "tests", work / "mutants" / "tests"):
             shutil.rmtree(dest)
             shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -112,23 +113,19 @@ def run_module(module: str, tests: list[str], root: Path, max_children: int,
     return ModuleResult(module, *results(work))
 
 
+def _listing(work: Path) -> dict[str, str]:
+    """mutant name -> status, as mutmut records it."""
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
+                         cwd=work, env=_env(), capture_output=True, text=True, check=True).stdout
+    return dict(m.groups() for m in re.finditer(r"(?m)^\s*(\S+): (.+)$", out))
+
+
 def results(work: Path) -> tuple[dict[str, int], list[str]]:
-    env = _env()
-    listing = subprocess.run(
-        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
-        cwd=work, env=env, capture_output=True, text=True, check=True,
-    ).stdout
+    statuses = _listing(work)
     counts: dict[str, int] = {}
-    survivors: list[str] = []
-    for line in listing.splitlines():
-        match = re.match(r"\s*(\S+): (.+)$", line)
-        if not match:
-            continue
-        name, status = match.groups()
+    for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-        if status == "survived":
-            survivors.append(name)
-    return counts, survivors
+    return counts, [n for n, status in statuses.items() if status == "survived"]
 
 
 def show(work: Path, name: str) -> str:
@@ -146,7 +143,7 @@ def main() -> None:
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of each survivor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--rerun-survivors", action="store_true",
-                        help="test only the last run's survivors again, against the repository's current tests")
+                        help="test only the last run's survivors (and timeouts) again, against the current tests")
     args = parser.parse_args()
 
     ensure_mutmut()
