@@ -271,3 +271,46 @@ def test_crop_region_defaults_are_tight_with_a_28_pixel_floor() -> None:
     assert geometry.crop_region([(10.0, 10.0, 20.0, 20.0)], 100, 100) == (1, 1, 29, 29)
     # a 40 × 30 box is above the floor: exactly its own extent
     assert geometry.crop_region([(10.0, 20.0, 50.0, 50.0)], 100, 100) == (10, 20, 50, 50)
+
+
+def test_view_config_as_dict_names_every_setting() -> None:
+    assert views.ViewConfig().as_dict() == {"context": 1.0, "min_side": 28, "zoom": 2.0, "box_width": 0}
+
+
+def _pattern(w: int, h: int) -> Image.Image:
+    """Sharp 1-px stripes: every resampling filter gives it different pixels."""
+    img = Image.new("RGB", (w, h))
+    img.putdata([((x * 37) % 256, (y * 91) % 256, ((x ^ y) * 13) % 256) for y in range(h) for x in range(w)])
+    return img
+
+
+def test_crop_view_uses_the_config_and_lanczos() -> None:
+    img = _pattern(120, 90)
+    cfg = views.ViewConfig(min_side=40, zoom=1.5)
+    crop, region = views.crop_view(img, [(50.0, 40.0, 60.0, 50.0)], cfg)
+    assert region == (35, 25, 75, 65)  # the 40-px floor around the centre (55, 45)
+    assert crop.size == (60, 60)
+    assert crop.tobytes() == img.crop(region).resize((60, 60), Image.Resampling.LANCZOS).tobytes()
+    # a zoom that rounds a side to zero still leaves one pixel
+    tiny, _ = views.crop_view(img, [(5.0, 5.0, 6.0, 6.0)], views.ViewConfig(min_side=1, zoom=0.4))
+    assert tiny.size == (1, 1)
+    rendered = views.render("crop", img, "Q?", [(50.0, 40.0, 60.0, 50.0)], cfg)
+    assert rendered.region == region and rendered.image.size == (60, 60) and rendered.question == "Q?"
+
+
+def test_box_view_default_width_grows_with_the_image_and_render_passes_the_config() -> None:
+    img = Image.new("RGB", (1000, 400), (0, 0, 0))
+    out = views.box_view(img, [(100.0, 100.0, 200.0, 200.0)])
+    # 0.5% of 1000 = 5 px, drawn just outside the box: columns 95..99 are red, 94 is not
+    assert [out.getpixel((x, 150)) for x in (94, 95, 99, 100)] == [(0, 0, 0), (255, 0, 0), (255, 0, 0), (0, 0, 0)]
+    boxed = views.render("box", img, "Q?", [(100.0, 100.0, 200.0, 200.0)], views.ViewConfig(box_width=9))
+    assert boxed.image.getpixel((91, 150)) == (255, 0, 0) and boxed.image.getpixel((90, 150)) == (0, 0, 0)
+
+
+def test_hint_keeps_the_question_start_and_a_provided_crop_keeps_the_question() -> None:
+    assert views.with_hint("  What is it?  ") == "  What is it?\n" + views.BOX_HINT
+    given = Image.new("RGB", (7, 5))
+    r = views.render("crop", _pattern(50, 50), "Q?", [(1.0, 1.0, 5.0, 5.0)], provided_crop=given)
+    assert r.image is given and r.question == "Q?" and r.region is None
+    with pytest.raises(ValueError, match=r"expected one of full, crop, box$"):
+        views.render("zoomed", given, "Q?", [])
