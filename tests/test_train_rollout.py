@@ -41,9 +41,11 @@ def test_encoded_prompts_are_unpadded_and_own_their_pixels(tiny, prompts):
     for p in prompts:
         assert p.input_ids[0].item() != pad
         n_image_tokens = int((p.input_ids == image_id).sum())
-        assert n_image_tokens == int(p.image_grid_thw.prod()) // 4  # merge 2×2
-        assert p.pixel_values.shape[0] == int(p.image_grid_thw.prod())
-        assert torch.equal(p.mm_token_type_ids.bool(), p.input_ids == image_id)
+        grid = p.vision["image_grid_thw"]
+        assert n_image_tokens == int(grid.prod()) // 4  # merge 2×2
+        assert p.vision["pixel_values"].shape[0] == int(grid.prod())
+        assert torch.equal(p.tokens["mm_token_type_ids"].bool(), p.input_ids == image_id)
+        assert p.tokens["attention_mask"].tolist() == [1] * len(p)
 
 
 def test_build_sequences_layout(prompts):
@@ -55,16 +57,18 @@ def test_build_sequences_layout(prompts):
     assert b.input_ids[0, n0:n0 + 3].tolist() == [5, 6, 7]
     assert b.attention_mask.sum(1).tolist() == [n0 + 3, n0 + 1, n1 + 2]
     # mm_token_type_ids: the prompt's, then zeros over the response (pitfall 3)
-    assert torch.equal(b.mm_token_type_ids[2, :n1], prompts[1].mm_token_type_ids)
+    mm = b.tokens["mm_token_type_ids"]
+    assert torch.equal(mm[2, :n1], prompts[1].tokens["mm_token_type_ids"])
     for k, n in enumerate((n0, n0, n1)):
-        assert b.mm_token_type_ids[k, n:].sum() == 0
-    assert b.mm_token_type_ids[0, :n0].sum() > 0
+        assert mm[k, n:].sum() == 0
+    assert mm[0, :n0].sum() > 0
     # position k predicts response token k: the one right before it
     assert b.rows.tolist() == [0, 0, 0, 1, 2, 2]
     assert b.pos.tolist() == [n0 - 1, n0, n0 + 1, n0 - 1, n1 - 1, n1]
     assert b.targets.tolist() == [5, 6, 7, 8, 9, 10]
     assert b.lengths.tolist() == [3, 1, 2]
-    assert len(b.prompt_pixels) == 2 and b.seq_prompt == [0, 0, 1]
+    assert len(b.prompt_vision) == 2 and b.seq_prompt == [0, 0, 1]
+    assert torch.equal(b.vision()["image_grid_thw"], torch.cat([prompts[i].vision["image_grid_thw"] for i in owner]))
 
 
 def test_batched_scoring_equals_one_unpadded_forward_per_sequence(tiny, prompts):
@@ -83,9 +87,10 @@ def test_batched_scoring_equals_one_unpadded_forward_per_sequence(tiny, prompts)
         for r in rolls:
             p = prompts[r.prompt_index]
             ids = torch.cat([p.input_ids, torch.tensor(r.token_ids)])[None]
-            mm = torch.cat([p.mm_token_type_ids, torch.zeros(len(r.token_ids), dtype=torch.long)])[None]
+            mm = torch.cat([p.tokens["mm_token_type_ids"], torch.zeros(len(r.token_ids), dtype=torch.long)])[None]
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm,
-                        pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw, use_cache=False)
+                        pixel_values=p.vision["pixel_values"], image_grid_thw=p.vision["image_grid_thw"],
+                        use_cache=False)
             n = len(p.input_ids)
             want.append(out.logits[0, n - 1:n - 1 + len(r.token_ids)])
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
@@ -95,7 +100,7 @@ def test_batched_scoring_equals_one_unpadded_forward_per_sequence(tiny, prompts)
 def test_vision_tokens_are_never_sampled(tiny_model_dir, prompts):
     """Make the vision special tokens by far the likeliest: without suppression they would fill the rollout."""
     model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    bad = vision_token_ids(processor)
+    bad = vision_token_ids(processor, model.config)
     head = lm_head(model)
     head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie so that only the output side moves
     with torch.no_grad():
@@ -136,3 +141,35 @@ def test_shared_image_features_sample_the_same_rollouts(tiny, prompts, monkeypat
     plain = engine.generate(prompts, settings)
     assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
     assert len({tuple(r.token_ids) for r in shared}) > 1  # and they are samples, not one repeated answer
+
+
+def test_a_model_whose_forward_fails_says_why_in_one_line(tiny, prompts, monkeypatch):
+    """A model outside the standard API fails the run with one line naming it, never a traceback."""
+    from vopd_bench.errors import VopdError
+    from vopd_train.rollout import backbone
+
+    model, _ = tiny
+    batch = build_sequences(prompts, [[40, 41]], [0], pad_id=0)
+
+    def refuses(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'mm_token_type_ids'\nTraceback: ...")
+
+    monkeypatch.setattr(backbone(model), "forward", refuses)
+    with pytest.raises(VopdError) as err:
+        response_hidden(model, batch)
+    assert str(err.value) == ("qwen2_vl models cannot score sequences in vopd distill (TypeError: forward() got an "
+                              "unexpected keyword argument 'mm_token_type_ids')")
+
+
+def test_a_processor_that_fails_says_why_in_one_line():
+    from vopd_bench.errors import VopdError
+
+    class Broken:
+        def apply_chat_template(self, *args, **kwargs):
+            return "<image> hi"
+
+        def __call__(self, **kwargs):
+            raise KeyError("images")
+
+    with pytest.raises(VopdError, match=r"^Broken cannot encode its prompts in vopd distill \(KeyError: 'images'\)$"):
+        encode_prompts(Broken(), [Image.new("RGB", (8, 8))], ["hi"])

@@ -34,7 +34,9 @@ def gap_report(
                                    help="Comma-separated benchmarks, e.g. `synthetic,vstar` or `local:data/my.jsonl`. "
                                         "`vopd benchmarks` lists them."),
     views: str = typer.Option("full,crop,box", help="Comma-separated views: full, crop (evidence crop), box (full "
-                                                     "image with the evidence outlined in red, plus the paper's hint)."),
+                                                     "image with the evidence outlined in red, plus the paper's hint), "
+                                                     "selfcrop (the window the model's own attention picks, zoomed "
+                                                     "as the crop; hf backend)."),
     limit: int | None = typer.Option(None, help="Ask at most this many samples per benchmark."),
     backend: str = typer.Option("hf", help="Backend: hf (transformers), vllm (offline engine) or openai "
                                             "(any OpenAI-compatible server)."),
@@ -49,6 +51,9 @@ def gap_report(
     crop_min_side: int = typer.Option(28, help="Smallest crop side in source pixels."),
     crop_zoom: float = typer.Option(2.0, help="Resize factor applied to the crop (the paper uses 2)."),
     data_dir: Path | None = typer.Option(None, help="Local copy of a hub dataset repository (same files and layout)."),
+    max_image_pixels: int = typer.Option(100_000_000, help="Largest image accepted, in pixels, read from its header "
+                                                           "before decoding; a larger one is a sample error. The "
+                                                           "default covers every supported benchmark."),
     base_url: str | None = typer.Option(None, help="openai backend: server URL, e.g. http://localhost:8000/v1."),
     model_name: str | None = typer.Option(None, help="openai backend: the model name the server knows [default: MODEL]."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the API key."),
@@ -67,11 +72,15 @@ def gap_report(
     judge_model: str | None = typer.Option(None, help="Model name of the judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    focus: bool = typer.Option(False, "--focus", help="Also record where the model looks: the attention ratio on the "
+                                                       "evidence per layer band (focus_<view> rows; hf backend)."),
 ) -> None:
     """Ask every benchmark question under several views and report the regional-to-global perception gap."""
+    from vopd_bench.images import set_max_pixels
     from vopd_bench.runner import GapReportConfig, run_gap_report
     from vopd_bench.views import ViewConfig
 
+    set_max_pixels(max_image_pixels)
     backend_options: dict = {"threads": threads} if backend == "hf" and threads else {}
     if backend == "openai":
         if not base_url:
@@ -91,12 +100,13 @@ def gap_report(
         trust_remote_code=trust_remote_code, data_dir=str(data_dir) if data_dir else None, quiet=quiet,
         view_config=ViewConfig(context=crop_context, min_side=crop_min_side, zoom=crop_zoom),
         backend_options=backend_options, chat_template_kwargs={"enable_thinking": False} if no_thinking else {},
-        judge=judge,
+        judge=judge, focus=focus,
     )
     result = run_gap_report(cfg)
     if not quiet:
         print_summary(result.summary)
         console.print(f"Report: {result.out_dir / 'report.md'}")
+    console.print(result.timings.one_line(), highlight=False, soft_wrap=True)  # also with -q: one line
 
 
 def print_summary(summary) -> None:
@@ -140,6 +150,26 @@ def list_benchmarks() -> None:
         except VopdError as e:  # benchmarks that need an argument, such as local:PATH
             source = str(e)
         console.print(f"{name:<22} {source}", highlight=False)
+
+
+@app.command("check")
+def check(
+    model: str = typer.Argument(..., help="Model to check: `toy`, a local folder, or a hub id."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the model's own code from the hub to run. Off unless you ask."),
+    device: str | None = typer.Option(None, help="Device: auto, cpu, cuda, … [default: a GPU when there is one]."),
+    threads: int | None = typer.Option(None, help="Torch threads on a CPU [default: torch's choice]."),
+    keep: Path | None = typer.Option(None, help="Keep the scratch runs in this folder [default: a temporary one]."),
+) -> None:
+    """Before a long job: does MODEL work with vopd? One line per capability (load, gap-report, distill full,
+    distill LoRA, vLLM requests, vision fast path), each `ok` or the first line of the reason."""
+    from vopd_bench.check import run_check
+
+    lines = run_check(model, work_dir=keep, trust_remote_code=trust_remote_code, device=device, threads=threads,
+                      on_line=lambda line: console.print(line.render(), highlight=False, soft_wrap=True))
+    failed = [line.capability for line in lines if line.required and not line.ok]
+    if failed:
+        raise VopdError(f"{model} failed: {', '.join(failed)}")
 
 
 def _register_commands() -> None:

@@ -23,11 +23,14 @@ from vopd_bench import benchmarks as bench_registry
 from vopd_bench import geometry, views
 from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
 from vopd_bench.benchmarks.spec import BenchmarkSpec
+from vopd_bench.context import PromptLength
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.folder_lock import output_lock
 from vopd_bench.images import image_ref, load_image
 from vopd_bench.records import Record, record_key
 from vopd_bench.samples import BadSample, Sample
 from vopd_bench.store import RecordStore
+from vopd_bench.timings import RunTimings
 from vopd_bench.views import ViewConfig
 
 DEFAULT_BENCHMARKS = ("synthetic",)
@@ -53,6 +56,7 @@ class GapReportConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. base_url for openai; never secrets
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] | None = None  # {"base_url", "model", "api_key_env"}: LLM judge for undecided answers
+    focus: bool = False  # record each answer's attention ratio on the evidence (vopd_bench.focus)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
@@ -63,7 +67,7 @@ class GapReportResult:
     out_dir: Path
     summary: Any  # pandas.DataFrame: benchmark, category, metric, value, ci_low, ci_high, n
     records: list[Record]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: RunTimings = field(default_factory=RunTimings)
 
 
 def model_slug(model: str) -> str:
@@ -92,16 +96,23 @@ def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: 
             wanted = cfg.views
         else:
             # A benchmark-provided crop (ZoomBench) gives a crop view; only boxes give a box view.
-            wanted = tuple(v for v in cfg.views
-                           if v == "full" or (v == "crop" and s.has_evidence) or (v == "box" and s.boxes))
+            wanted = tuple(v for v in cfg.views if v in ("full", *views.ATTENTION_VIEWS)
+                           or (v == "crop" and s.has_evidence) or (v == "box" and s.boxes))
         for view in wanted:
             if isinstance(s, BadSample):
                 prompt = f"<unreadable row: {s.error}>"
             else:
                 q = views.with_hint(s.question) if view == "box" else s.question
                 prompt = spec.render_prompt(q, s.options)
-            key = record_key(model=fingerprint, generation=gen.as_dict(), benchmark=spec.name, sample_id=s.id,
-                             view=view, view_config=cfg.view_config.as_dict(), prompt=prompt)
+            view_config = cfg.view_config.as_dict()
+            if view == "selfcrop":
+                from vopd_bench import selfcrop
+
+                view_config["selfcrop"] = selfcrop.settings()
+            # --focus adds to the record, so a focus run does not take a plain run's records as done.
+            generation = {**gen.as_dict(), "focus": True} if cfg.focus else gen.as_dict()
+            key = record_key(model=fingerprint, generation=generation, benchmark=spec.name, sample_id=s.id,
+                             view=view, view_config=view_config, prompt=prompt)
             planned.append(_Planned(key, spec, s, view, prompt))
     return planned
 
@@ -153,6 +164,18 @@ def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
                 yield p, rec, None
         else:
             yield from _prepare(sample, views_of_sample, cfg, fingerprint)
+
+
+def _within_context(lengths: PromptLength, p: _Planned, rec: Record, image: Image.Image,
+                    gen: GenerationConfig) -> Image.Image | None:
+    """The image, or None with the record's error set when the prompt does not fit the model's context. Run on
+    the main thread: the tokeniser is the backend's, and a fast tokeniser is not safe to share across threads."""
+    try:
+        lengths.check(p.prompt, [image.size], gen.max_new_tokens, **gen.chat_template_kwargs)
+    except SampleError as e:
+        rec.error, rec.error_kind = str(e), "sample"
+        return None
+    return image
 
 
 @dataclass
@@ -225,12 +248,12 @@ class _Batcher:
     are appended to the store as soon as the batch returns."""
 
     def __init__(self, backend: Backend, gen: GenerationConfig, store: RecordStore, progress: _Progress,
-                 batch_size: int, on_batch: Callable[[int], None] | None, judge: Any = None):
+                 batch_size: int, on_batch: Callable[[int], None] | None, timings: RunTimings, judge: Any = None):
         self.backend, self.gen, self.store, self.progress, self.judge = backend, gen, store, progress, judge
-        self.batch_size, self.on_batch = batch_size, on_batch
+        self.batch_size, self.on_batch, self.timings = batch_size, on_batch, timings
         self.queues: dict[tuple[str, str], list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
-        self.backend_seconds = 0.0
         self.n_batches = 0
+        self.view_config = ViewConfig()  # how crops are cut (the selfcrop view's zoom, focus boxes in crops)
 
     def record_now(self, p: _Planned, rec: Record) -> None:
         """A record that needs no backend call (a per-sample error)."""
@@ -253,13 +276,16 @@ class _Batcher:
         from vopd_bench import scoring
 
         batch, self.queues[name] = self.queues[name], []
+        b0 = time.perf_counter()
+        if name[1] == "selfcrop":
+            batch = self._zoom_in(batch)
         if not batch:
             return
-        b0 = time.perf_counter()
         responses = self.backend.generate([Request(p.key, img, p.prompt) for p, _, img in batch], self.gen)
-        self.backend_seconds += time.perf_counter() - b0
+        seconds = time.perf_counter() - b0
         if len(responses) != len(batch):
             raise VopdError(f"backend {self.backend.name} returned {len(responses)} answers for {len(batch)} requests")
+        self.timings.view(name[1]).add(seconds, [r.tokens for r in responses])
         for (p, rec, _), resp in zip(batch, responses, strict=True):
             rec.seconds = resp.seconds
             if resp.error is not None:
@@ -272,6 +298,8 @@ class _Batcher:
                 rec.error, rec.error_kind = str(e), "sample"
                 continue
             rec.parsed, rec.correct, rec.parse_failed = sc.parsed, sc.correct, sc.parse_failed
+            if resp.attention is not None:
+                self._add_focus(p, rec, resp.attention)
         if self.judge is not None:
             self.judge.rescore([rec for _, rec, _ in batch])
         self.store.append([rec for _, rec, _ in batch])
@@ -280,21 +308,70 @@ class _Batcher:
         if self.on_batch is not None:
             self.on_batch(self.n_batches)
 
+    def _zoom_in(self, batch: list[tuple[_Planned, Record, Image.Image]]) -> list[tuple[_Planned, Record, Image.Image]]:
+        """The selfcrop view: choose each window from the model's attention (two prefill passes), then ask on
+        the window's crop. A sample whose window cannot be chosen is recorded with the reason."""
+        from vopd_bench import selfcrop
+
+        kept = []
+        windows = selfcrop.locate(self.backend, [(p.prompt, img) for p, _, img in batch], self.gen)
+        for (p, rec, img), win in zip(batch, windows, strict=True):
+            if isinstance(win, str):
+                rec.error, rec.error_kind = win, "backend"
+                self.record_now(p, rec)
+                continue
+            crop, region = selfcrop.crop_window(img, win.box, self.view_config)
+            rec.window = list(region)
+            kept.append((p, rec, crop))
+        return kept
+
+    def _add_focus(self, p: _Planned, rec: Record, att: Any) -> None:
+        from vopd_bench import focus
+
+        provided_crop = p.view == "crop" and isinstance(p.sample, Sample) and p.sample.crop_image is not None
+        if rec.image_size and not provided_crop:
+            shown = focus.boxes_in_view(p.view, rec.boxes, tuple(rec.image_size), self.view_config, rec.window)
+            rec.focus = focus.record_focus(att, shown)
+
 
 def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
                    on_batch: Callable[[int], None] | None = None) -> GapReportResult:
-    """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model."""
+    """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model.
+
+    The output folder is locked for the whole run (`vopd_bench.folder_lock`): a second run on it is refused."""
     t0 = time.perf_counter()
-    bad_views = [v for v in cfg.views if v not in views.VIEWS]
+    bad_views = [v for v in cfg.views if v not in views.ALL_VIEWS]
     if bad_views or not cfg.views:
-        raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.VIEWS)}")
+        raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
+    with output_lock(cfg.out_dir()):
+        return _run_locked(cfg, backend, on_batch, t0)
+
+
+def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callable[[int], None] | None,
+                t0: float) -> GapReportResult:
+    timings = RunTimings()
     loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
     own_backend = backend is None
+    if backend is None and (cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views)):
+        from vopd_bench import attention
+
+        attention.require_backend(cfg.backend)  # before any server is contacted or model loaded
     if backend is None:
+        t_load = time.perf_counter()
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
                               batch_size=cfg.batch_size, **cfg.backend_options)
+        timings.model_load_seconds = time.perf_counter() - t_load
+    if cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views):
+        from vopd_bench import attention
+
+        try:
+            attention.enable(backend, focus=cfg.focus)
+        except VopdError:
+            if own_backend:
+                backend.close()
+            raise
     fingerprint = backend.fingerprint()
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs)
     out_dir = cfg.out_dir()
@@ -314,7 +391,8 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     threading.Thread(target=_import_reporting, name="vopd-import", daemon=True).start()
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
-    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
+    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, timings, judge)
+    batcher.view_config = cfg.view_config
     todo: list[list[_Planned]] = []  # per sample, the views still to ask
     for lb in loaded:
         for view in cfg.views:
@@ -326,8 +404,11 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
             if not store.done(p.key):
                 by_sample[p.sample.id].append(p)
         todo += by_sample.values()
+    lengths: PromptLength | None = getattr(backend, "prompt_length", None)
     try:
         for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint), depth=2 * batch_size):
+            if img is not None and lengths is not None:
+                img = _within_context(lengths, p, rec, img, gen)
             if img is None:
                 batcher.record_now(p, rec)
             else:
@@ -346,9 +427,14 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
         store.append(todo)
         store.compact()
         judge.close()
-    t_run = time.perf_counter() - t0
-    summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen)
-    timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
+    timings.ask_seconds = time.perf_counter() - t0
+    info = run_info(cfg, loaded, fingerprint, gen)
+    info["batch_splits"] = getattr(backend, "batch_splits", 0)  # this invocation's batches retried one request at a time
+    summary = write_outputs(out_dir, cfg, loaded, records, info)
+    # run.json last: its timings cover the reports, and its presence marks a finished run.
+    timings.wall_seconds = time.perf_counter() - t0
+    info["timings"] = timings.as_dict()
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return GapReportResult(out_dir, summary, records, timings)
 
 
@@ -358,8 +444,8 @@ def _import_reporting() -> None:
     from vopd_bench import analysis, html_report, plots, report  # noqa: F401
 
 
-def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,
-                  gen: GenerationConfig):
+def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], info: dict):
+    """summary.csv, failures.jsonl and the reports (run.json is the caller's, written last)."""
     from vopd_bench import analysis, html_report, report
 
     extra = {lb.name: lb.spec.metrics for lb in loaded if lb.spec.metrics is not None}
@@ -378,8 +464,6 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
     with (out_dir / "failures.jsonl").open("w", encoding="utf-8") as f:
         for row in analysis.failures(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    info = run_info(cfg, loaded, fingerprint, gen)
-    (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     _, figures = report.write_report_with_figures(out_dir, summary, records, info)
     index = {(lb.name, s.id): s for lb in loaded for s in lb.samples if isinstance(s, Sample)}
     html_report.write_html_report(out_dir, summary, records, info, sample_lookup=lambda b, i: index.get((b, i)),

@@ -39,7 +39,16 @@ HELP = (
 
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
-    """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}."""
+    """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}.
+    The output folder is locked for the whole run: a second run on it is refused."""
+    from vopd_bench.folder_lock import output_lock
+
+    with output_lock(cfg.validate().out):
+        return _run_distill(cfg, preset, engine=engine, show=show)
+
+
+def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: Any,
+                 show: Console | None) -> dict[str, Any]:
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 
@@ -69,7 +78,8 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
             del trainer  # free the training copies before two more models are loaded
             measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.eval_limit,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-                                 trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir)
+                                 trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir,
+                                 focus=cfg.focus)
             print_before_after(measured.table, out)
             out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}

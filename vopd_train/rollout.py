@@ -1,5 +1,11 @@
 """Encoded prompts, the rollout interface, and the padded sequences both models score.
 
+The input layer is family-agnostic: an encoded prompt is whatever the model's own processor returned for it,
+split into per-token tensors (aligned with `input_ids`) and vision tensors (everything else). Appending a
+response extends every per-token tensor with text values; the vision tensors travel with their sequence;
+batches are built from the keys the processor produced. What differs between families lives in
+`vopd_bench.families`.
+
 A prompt is run through the processor once per step; its tensors serve all n rollouts and, for the teacher,
 the crop's tensors serve all n teacher sequences. Rollouts come from any `RolloutEngine`: `HFRolloutEngine`
 uses transformers `generate`; a vLLM engine implements the same two methods.
@@ -7,7 +13,7 @@ uses transformers `generate`; a vLLM engine implements the same two methods.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -15,52 +21,104 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vopd_bench.modeling import chat_text, encode, vision_token_ids
+from vopd_bench.errors import VopdError
+from vopd_bench.families import GENERIC, Family, family_of
+from vopd_bench.modeling import chat_text, encode, first_line, say_once, vision_token_ids
 
 
 @dataclass
 class EncodedPrompt:
-    """One prompt's processor outputs, unpadded. `text` is the chat-formatted prompt, `image` the view image
-    (engines that preprocess on their own, like vLLM, take these two)."""
+    """One prompt as its processor returned it, unpadded.
 
-    input_ids: Tensor  # [L]
-    mm_token_type_ids: Tensor  # [L]
-    pixel_values: Tensor  # [patches, D]
-    image_grid_thw: Tensor  # [1, 3]
+    `tokens`: every output aligned with the token sequence, each `[L]`: `input_ids`, `attention_mask` and any
+    per-token mask the processor adds (`mm_token_type_ids`, `token_type_ids`, …).
+    `vision`: every other tensor, exactly as the processor returned it for this prompt alone (`pixel_values`,
+    `image_grid_thw`, `image_sizes`, `pixel_attention_mask`, …; leading dimension = this prompt's images,
+    patches or rows).
+    `text` is the chat-formatted prompt and `image` the view image: engines that preprocess on their own (vLLM)
+    take these two.
+    """
+
+    tokens: dict[str, Tensor]
+    vision: dict[str, Tensor]
     text: str
     image: Image.Image
 
+    @property
+    def input_ids(self) -> Tensor:
+        return self.tokens["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.tokens["input_ids"])
+
 
 def encode_prompts(processor: Any, images: Sequence[Image.Image], texts: Sequence[str]) -> list[EncodedPrompt]:
-    """One batched processor call, split back into per-prompt tensors."""
-    if not images:
-        return []
-    enc = encode(processor, images, texts)
-    mask = enc["attention_mask"].bool()
-    mm = enc.get("mm_token_type_ids")
-    if mm is None:  # older processors: derive it from the image token
-        image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        mm = (enc["input_ids"] == image_id).long()
-    sizes = enc["image_grid_thw"].prod(-1).tolist()
-    pixels = torch.split(enc["pixel_values"], sizes)
-    chats = [chat_text(processor, t) for t in texts]
-    return [EncodedPrompt(enc["input_ids"][i][mask[i]], mm[i][mask[i]], pixels[i], enc["image_grid_thw"][i:i + 1],
-                          chats[i], images[i])
-            for i in range(len(images))]
+    """One processor call per prompt, so each prompt owns exactly the tensors the processor makes for it (no
+    batch padding to undo, no family-specific rule for splitting a batch's pixels)."""
+    try:
+        return [encode_one(processor, image, text) for image, text in zip(images, texts, strict=True)]
+    except Exception as e:  # noqa: BLE001 - a processor outside the standard API: one line, no traceback
+        raise unsupported(type(processor).__name__, "encode its prompts", e) from e
 
 
-def collate_left(prompts: Sequence[EncodedPrompt], pad_id: int) -> dict[str, Tensor]:
-    """Left-padded generation inputs (every row continues from its own end)."""
-    width = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    mm = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        n = len(p.input_ids)
-        ids[i, width - n:], att[i, width - n:], mm[i, width - n:] = p.input_ids, 1, p.mm_token_type_ids
-    return {"input_ids": ids, "attention_mask": att, "mm_token_type_ids": mm,
-            "pixel_values": torch.cat([p.pixel_values for p in prompts]),
-            "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts])}
+def unsupported(model: str, what: str, e: BaseException) -> VopdError:
+    """The run-level error when a model's own code cannot do what training needs: which model, what, and why."""
+    return VopdError(f"{model} cannot {what} in vopd distill ({type(e).__name__}: {first_line(e)})")
+
+
+def encode_one(processor: Any, image: Image.Image, text: str) -> EncodedPrompt:
+    enc = encode(processor, [image], [text])
+    ids = enc["input_ids"]
+    tokens: dict[str, Tensor] = {}
+    vision: dict[str, Tensor] = {}
+    for key, value in enc.items():
+        if not isinstance(value, Tensor):
+            continue  # metadata lists some processors add; the model reads only tensors
+        if value.shape == ids.shape:
+            tokens[key] = value[0]
+        else:
+            vision[key] = value
+    keep = tokens["attention_mask"].bool() if "attention_mask" in tokens else torch.ones_like(ids[0], dtype=torch.bool)
+    tokens = {k: v[keep] for k, v in tokens.items()}
+    tokens.setdefault("attention_mask", torch.ones_like(tokens["input_ids"]))
+    return EncodedPrompt(tokens, vision, chat_text(processor, text), image)
+
+
+def collate_vision(parts: Sequence[Mapping[str, Tensor]], family: Family = GENERIC) -> dict[str, Tensor]:
+    """Concatenate per-prompt vision tensors along their first dimension. Where sizes differ beyond it (more
+    anyres patches, more image splits, larger pixels), pad to the largest as the processors do in a batch: with
+    zeros (padded pixels and masks the model drops), or the family's own pad value."""
+    out: dict[str, Tensor] = {}
+    for key in parts[0] if parts else ():
+        tensors = [p[key] for p in parts]
+        shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        pad = family.vision_pad.get(key, 0)
+        padded = []
+        for t in tensors:
+            if list(t.shape[1:]) != shape:
+                grown = t.new_full((t.shape[0], *shape), pad)
+                grown[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+                t = grown
+            padded.append(t)
+        out[key] = torch.cat(padded)
+    return out
+
+
+def _pad_value(key: str, pad_id: int) -> int:
+    return pad_id if key == "input_ids" else 0
+
+
+def collate_left(prompts: Sequence[EncodedPrompt], pad_id: int, family: Family = GENERIC) -> dict[str, Tensor]:
+    """Left-padded generation inputs (every row continues from its own end), with the prompts' vision tensors."""
+    width = max(len(p) for p in prompts)
+    out: dict[str, Tensor] = {}
+    for key, first in prompts[0].tokens.items():
+        t = torch.full((len(prompts), width), _pad_value(key, pad_id), dtype=first.dtype)
+        for i, p in enumerate(prompts):
+            t[i, width - len(p):] = p.tokens[key]
+        out[key] = t
+    out.update(collate_vision([p.vision for p in prompts], family))
+    return out
 
 
 @dataclass(frozen=True)
@@ -92,41 +150,48 @@ class HFRolloutEngine:
     """Sampling with transformers `generate` on the training model itself (so `sync_weights` is a no-op).
 
     Vision special tokens are never sampled (drawing one breaks the image-token count); the prompt's tensors are
-    repeated n times instead of being re-encoded.
+    repeated n times instead of being re-encoded, and where the family has a vision-once path each prompt's image
+    goes through the vision tower once for its n rollouts.
     """
 
     def __init__(self, model: Any, processor: Any):
         self.model = model
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.family = model_family(model)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = gen_eos if gen_eos is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        self.bad_words = [[i] for i in vision_token_ids(processor)] or None
+        self.bad_words = [[i] for i in vision_token_ids(processor, _config(model))] or None
 
     def generate(self, prompts: Sequence[EncodedPrompt], settings: SamplingSettings) -> list[Rollout]:
         if not prompts:
             return []
         device = _device_of(self.model)
         repeated = [p for p in prompts for _ in range(settings.n)]
-        inputs = {k: v.to(device) for k, v in collate_left(repeated, self.pad_id).items()}
+        owner = [i // settings.n for i in range(len(repeated))]
+        shared = settings.n > 1 and self.family.vision_once is not None and _generate_accepts_encoder_outputs(self.model)
+        if settings.n > 1 and not shared:
+            _say_no_vision_once(self.family)
+        inputs = collate_left(repeated, self.pad_id, self.family)
+        if shared:  # the pixels go in once per prompt below, not once per rollout
+            inputs = {k: v for k, v in inputs.items() if k not in self.family.tower_inputs}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), _autocast(device):
-                if settings.n > 1 and _generate_accepts_encoder_outputs(self.model):
-                    # each prompt's image through the vision tower once, its features shared by its n rollouts
-                    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-                    feats = backbone(self.model).get_image_features(
-                        torch.cat([p.pixel_values for p in prompts]).to(device),
-                        torch.cat([p.image_grid_thw for p in prompts]).to(device)).pooler_output
-                    inputs.pop("pixel_values")
-                    inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-                        pooler_output=[feats[i // settings.n] for i in range(len(repeated))])}
+                if shared:
+                    feats = self.family.vision_once(backbone(self.model), _to(collate_vision(
+                        [p.vision for p in prompts], self.family), device))
+                    inputs["mm_encoder_outputs"] = {"image": per_sequence(feats, owner)}
                 out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
                                           top_p=1.0, max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise unsupported(_model_name(self.model), "sample rollouts", e) from e
         finally:
             self.model.train(was_training)
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
@@ -147,58 +212,97 @@ class HFRolloutEngine:
 class SeqBatch:
     """Prompt + response sequences, right-padded, with where each response token sits.
 
-    `rows[k], pos[k]` is the position whose hidden state predicts response token k (flat over the batch, in
-    sequence order): the position just before it.
+    `tokens` holds every per-token tensor `[B, L]` (the prompt's values, then text values over the response:
+    pitfall 3); `prompt_vision[seq_prompt[k]]` is sequence k's vision tensors (one entry per distinct prompt, so
+    the vision-once path can encode each image once). `rows[k], pos[k]` is the position whose hidden state
+    predicts response token k (flat over the batch, in sequence order): the position just before it.
     """
 
-    input_ids: Tensor  # [B, L]
-    attention_mask: Tensor  # [B, L]
-    mm_token_type_ids: Tensor  # [B, L]: the prompt's, then zeros over the response (pitfall 3)
-    image_grid_thw: Tensor  # [B, 3] one image per sequence
-    prompt_pixels: list[Tensor]  # per distinct prompt
-    prompt_grid: Tensor  # [P, 3]
-    seq_prompt: list[int]  # sequence -> index into prompt_pixels
+    tokens: dict[str, Tensor]
+    prompt_vision: list[dict[str, Tensor]]
+    seq_prompt: list[int]
     rows: Tensor  # [N]
     pos: Tensor  # [N]
     targets: Tensor  # [N] the response tokens
     lengths: Tensor  # [B] response lengths
+    family: Family = GENERIC
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self.tokens["input_ids"]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return self.tokens["attention_mask"]
+
+    def vision(self) -> dict[str, Tensor]:
+        """Every sequence's vision tensors, in sequence order (the plain path: an image per sequence)."""
+        return collate_vision([self.prompt_vision[i] for i in self.seq_prompt], self.family)
 
     def to(self, device: Any) -> SeqBatch:
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
-        moved["prompt_pixels"] = [p.to(device) for p in self.prompt_pixels]
-        return SeqBatch(**moved)
+        return SeqBatch(_to(self.tokens, device), [_to(v, device) for v in self.prompt_vision], self.seq_prompt,
+                        self.rows.to(device), self.pos.to(device), self.targets.to(device), self.lengths.to(device),
+                        self.family)
 
 
 def build_sequences(prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], seq_prompt: Sequence[int],
-                    pad_id: int) -> SeqBatch:
+                    pad_id: int, family: Family = GENERIC) -> SeqBatch:
     """Sequence k = prompts[seq_prompt[k]] followed by responses[k]. Only the prompts used are kept."""
     used = sorted(set(seq_prompt))
     remap = {p: i for i, p in enumerate(used)}
-    width = max(len(prompts[p].input_ids) + len(r) for p, r in zip(seq_prompt, responses, strict=True))
+    width = max(len(prompts[p]) + len(r) for p, r in zip(seq_prompt, responses, strict=True))
     b = len(responses)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    att = torch.zeros((b, width), dtype=torch.long)
-    mm = torch.zeros((b, width), dtype=torch.long)
+    tokens = {key: torch.full((b, width), _pad_value(key, pad_id), dtype=t.dtype)
+              for key, t in prompts[seq_prompt[0]].tokens.items()}
     rows, pos, targets = [], [], []
     for k, (p, r) in enumerate(zip(seq_prompt, responses, strict=True)):
         pr = prompts[p]
-        n = len(pr.input_ids)
-        ids[k, :n], mm[k, :n] = pr.input_ids, pr.mm_token_type_ids
-        ids[k, n:n + len(r)] = torch.tensor(list(r), dtype=torch.long)
-        att[k, :n + len(r)] = 1
+        n = len(pr)
+        for key, t in tokens.items():
+            t[k, :n] = pr.tokens[key]
+            t[k, n:n + len(r)] = (torch.tensor(list(r), dtype=t.dtype) if key == "input_ids"
+                                  else 1 if key == "attention_mask" else family.text_value(key))
         rows += [k] * len(r)
         pos += range(n - 1, n - 1 + len(r))
         targets += list(r)
     return SeqBatch(
-        input_ids=ids, attention_mask=att, mm_token_type_ids=mm,
-        image_grid_thw=torch.cat([prompts[p].image_grid_thw for p in seq_prompt]),
-        prompt_pixels=[prompts[p].pixel_values for p in used],
-        prompt_grid=torch.cat([prompts[p].image_grid_thw for p in used]),
-        seq_prompt=[remap[p] for p in seq_prompt],
+        tokens=tokens, prompt_vision=[prompts[p].vision for p in used], seq_prompt=[remap[p] for p in seq_prompt],
         rows=torch.tensor(rows, dtype=torch.long), pos=torch.tensor(pos, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
-        lengths=torch.tensor([len(r) for r in responses], dtype=torch.long),
+        lengths=torch.tensor([len(r) for r in responses], dtype=torch.long), family=family,
     )
+
+
+def per_sequence(features: Any, index: Sequence[int]) -> Any:
+    """A vision tower's output for P images, re-indexed to one entry per sequence: every field that holds one
+    tensor per image (`pooler_output`, and per layer `deepstack_features`) is picked by `index`; the unsplit
+    fields (`last_hidden_state`, …) are dropped, as no forward reads them."""
+    fields = {}
+    for name, value in features.items():
+        if _per_image(value):
+            fields[name] = [value[i] for i in index]
+        elif isinstance(value, (list, tuple)) and value and all(_per_image(v) for v in value):
+            fields[name] = [[v[i] for i in index] for v in value]
+    return type(features)(**fields)
+
+
+def _per_image(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Tensor) for v in value)
+
+
+def model_family(model: Any) -> Family:
+    """The `vopd_bench.families` entry of a (possibly PEFT-wrapped) model."""
+    return family_of(_config(model))
+
+
+def _model_name(model: Any) -> str:
+    config = _config(model)
+    return f"{getattr(config, 'model_type', None) or type(model).__name__} models"
+
+
+def _config(model: Any) -> Any:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, "config", None)
 
 
 def backbone(model: Any) -> Any:
@@ -226,27 +330,36 @@ def head_fn(model: Any):
 def response_hidden(model: Any, batch: SeqBatch, vision_once: bool = True) -> Tensor:
     """Final hidden states `[N, H]` at the positions that predict the response tokens.
 
-    The forward passes input_ids, mm_token_type_ids and image_grid_thw with no cache, so the M-RoPE positions
-    are recomputed for these sequences (never the stale `rope_deltas` a previous `generate` left behind). With
-    `vision_once`, each distinct image goes through the vision tower once and its features serve every sequence
-    of that prompt (gradients from all of them add up in the tower).
+    The forward gets every per-token tensor and the sequences' vision tensors, with no cache, so positions that
+    depend on the image layout (Qwen's M-RoPE) are recomputed for these sequences (never the stale
+    `rope_deltas` a previous `generate` left behind). With `vision_once`, where the family has that path, each
+    distinct image goes through the vision tower once and its features serve every sequence of that prompt
+    (gradients from all of them add up in the tower); elsewhere every sequence carries its own pixels.
     """
     base = backbone(model)
-    kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  mm_token_type_ids=batch.mm_token_type_ids, image_grid_thw=batch.image_grid_thw,
-                                  use_cache=False)
+    family = model_family(model)
+    kwargs: dict[str, Any] = {**batch.tokens, "use_cache": False}
     device = batch.input_ids.device
     with _autocast(device):
-        if vision_once and _accepts_encoder_outputs(base):
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            feats = base.get_image_features(torch.cat(batch.prompt_pixels), batch.prompt_grid).pooler_output
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-                pooler_output=[feats[i] for i in batch.seq_prompt])}
+        if vision_once and family.vision_once is not None and _accepts_encoder_outputs(base):
+            feats = family.vision_once(base, collate_vision(batch.prompt_vision, family))
+            kwargs["mm_encoder_outputs"] = {"image": per_sequence(feats, batch.seq_prompt)}
+            kwargs.update({k: v for k, v in batch.vision().items() if k not in family.tower_inputs})
         else:
-            kwargs["pixel_values"] = torch.cat([batch.prompt_pixels[i] for i in batch.seq_prompt])
-        hidden = base(**kwargs).last_hidden_state
+            if vision_once and len(batch.seq_prompt) > len(batch.prompt_vision):
+                _say_no_vision_once(family)
+            kwargs.update(batch.vision())
+        try:
+            hidden = base(**kwargs).last_hidden_state
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise unsupported(_model_name(model), "score sequences", e) from e
     return hidden[batch.rows, batch.pos]
+
+
+def _say_no_vision_once(family: Family) -> None:
+    say_once(f"vision-once:{family.name}",
+             f"{family.name} models have no vision-once path in vopd (it is built for the Qwen-VL families), so "
+             "each rollout's copy of a prompt's image goes through the vision tower separately (slower, same result)")
 
 
 def _accepts_encoder_outputs(base: Any) -> bool:
@@ -264,6 +377,10 @@ def _generate_accepts_encoder_outputs(model: Any) -> bool:
         return bool(check()) if callable(check) else False
     except Exception:  # noqa: BLE001 - a model that cannot say is treated as one that does not
         return False
+
+
+def _to(tensors: Mapping[str, Tensor], device: Any) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def _device_of(model: Any) -> torch.device:

@@ -48,13 +48,14 @@ class VLLMRolloutEngine:
     `eos_token_ids` are the ids that end a response (the trainer passes the model's generation config's, as the
     HF engine uses); a response is cut after the first of them. With `enable_sleep_mode`, the engine sleeps
     (level 1: weights to CPU memory, KV cache freed) between rollouts so training gets the GPU memory back.
+    `config` (the model's) adds its image/video token ids to the banned vision tokens.
     `engine_kwargs` go to `vllm.LLM` as they are (e.g. `enforce_eager=True`, `mm_processor_kwargs={...}`).
     """
 
     def __init__(self, model_path_or_name: str, processor: Any, *, llm: Any = None,
                  gpu_memory_utilization: float = 0.5, seed: int = 0, dtype: str = "auto",
                  max_model_len: int | None = None, enable_sleep_mode: bool = False, trust_remote_code: bool = False,
-                 eos_token_ids: Iterable[int] | None = None, **engine_kwargs: Any):
+                 eos_token_ids: Iterable[int] | None = None, config: Any = None, **engine_kwargs: Any):
         if not 0 < gpu_memory_utilization <= 1:
             raise VopdError("the vLLM GPU memory utilization must be in (0, 1]")
         if max_model_len is not None and max_model_len < 1:
@@ -64,7 +65,7 @@ class VLLMRolloutEngine:
         if eos_token_ids is None:
             eos_token_ids = [tok.eos_token_id]
         self.eos_ids = sorted({int(i) for i in eos_token_ids if i is not None})
-        self.vision_ids = set(vision_token_ids(processor))
+        self.vision_ids = set(vision_token_ids(processor, config))
         # bad_words are strings that vLLM tokenises; each vision token's own text is that single special token
         self.bad_words = [tok.convert_ids_to_tokens(i) for i in sorted(self.vision_ids)]
         self.sleep_mode = enable_sleep_mode
@@ -94,7 +95,8 @@ class VLLMRolloutEngine:
         engine = cls(cfg.model, processor, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                      max_model_len=cfg.vllm_max_model_len, enable_sleep_mode=cfg.vllm_sleep_mode,
                      trust_remote_code=cfg.trust_remote_code,
-                     eos_token_ids=eos if isinstance(eos, (list, tuple)) else [eos], **kwargs)
+                     eos_token_ids=eos if isinstance(eos, (list, tuple)) else [eos],
+                     config=getattr(hf, "config", None), **kwargs)
         _ = engine.llm  # start it now: a vLLM that cannot start fails the run before any data is rendered
         return engine
 
@@ -111,7 +113,7 @@ class VLLMRolloutEngine:
             return []
         llm = self.llm  # started on first use
         self._wake(*SLEEP_TAGS)
-        requests = [{"prompt": p.text, "multi_modal_data": {"image": p.image}} for p in prompts]
+        requests = [vllm_request(p) for p in prompts]
         # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
         # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, ()).item())
@@ -182,6 +184,12 @@ class VLLMRolloutEngine:
         """Drop the engine (its GPU memory goes back when it is collected)."""
         self._llm = None
         gc.collect()
+
+
+def vllm_request(prompt: EncodedPrompt) -> dict[str, Any]:
+    """One prompt as vLLM takes it, for every family alike: the trainer's chat text (with the family's own image
+    placeholder, which vLLM's processor expands as the HF processor did) and the PIL image, one per prompt."""
+    return {"prompt": prompt.text, "multi_modal_data": {"image": prompt.image}}
 
 
 def _logprob(entry: Any) -> float:
@@ -308,4 +316,4 @@ def load_into_engine(llm: Any, weights: dict[str, Tensor]) -> None:
                       "reused", stacklevel=2)
 
 
-__all__ = ["VLLMRolloutEngine", "driver_model", "export_weights", "load_into_engine", "start_engine"]
+__all__ = ["VLLMRolloutEngine", "driver_model", "vllm_request", "export_weights", "load_into_engine", "start_engine"]

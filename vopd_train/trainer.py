@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint
@@ -43,6 +44,7 @@ from vopd_train.rollout import (
     build_sequences,
     encode_prompts,
     head_fn,
+    model_family,
     response_hidden,
 )
 from vopd_train.teachers import Teacher, make_teacher
@@ -108,6 +110,7 @@ class Distiller:
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
                                            trust_remote_code=cfg.trust_remote_code)
+        self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -211,6 +214,7 @@ class Distiller:
             prompt = self.data.prompts[i]
             try:
                 r = prompt.render()
+                self.prompt_length.check(r.text, [r.student_image.size, r.teacher_image.size], self.cfg.max_new_tokens)
             except SampleError as e:
                 self.skipped[prompt.id] = str(e)
                 continue
@@ -289,13 +293,14 @@ class Distiller:
         """Teacher forward (no grad), student forward, per-token divergence, backward of Σ weight·loss."""
         cfg = self.cfg
         t = time.perf_counter()
-        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id).to(self.device)
+        family = model_family(self.model)
+        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
         teacher_hidden = self.teacher.hidden(teacher_batch)
         _sync(self.device)
         acc["t_teacher"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id).to(self.device)
+        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
         student_hidden = response_hidden(self.model, student_batch)
         out = chunked_divergence(
             student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,

@@ -7,8 +7,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vopd_bench import context
+from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
 from vopd_bench.backends.base import GenerationConfig, Request, Response
-from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, vision_token_ids
+from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
+from vopd_bench.token_grid import token_grid
 
 # Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
 _FULL_HASH_LIMIT = 256 * 2**20
@@ -26,8 +29,11 @@ class HFBackend:
 
             torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
-        self._bad_ids = [[i] for i in vision_token_ids(self.processor)]
+        self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
+        self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
         self._fingerprint: str | None = None
+        self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
+        self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -40,8 +46,12 @@ class HFBackend:
         try:
             return self._generate_batch(requests, gen)
         except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
+                return [Response("", error=cause)]
+            self.batch_splits += 1
+            say_once(f"hf-split:{id(self)}", f"a batch of {len(requests)} requests failed ({cause}); its requests "
+                     "are retried one at a time to isolate the failing one (slower; run.json counts such splits)")
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
@@ -56,14 +66,60 @@ class HFBackend:
             kwargs.update(do_sample=True, temperature=gen.temperature, top_p=1.0, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **kwargs)
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        if not self.capture_focus:
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **kwargs)
+            atts: list = [None] * len(requests)
+        else:
+            grid = token_grid(self.model, self.processor, inputs)
+            with torch.inference_mode(), capture_last_row(self.model) as rows:
+                out = self.model.generate(**inputs, **kwargs)
+            atts = image_attention(rows, grid.positions, grid.grids, [r.image.size for r in requests])
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        lengths = generated_lengths(new, self.model.generation_config.eos_token_id)
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(t.strip(), seconds=per) for t in texts]
+        return [Response(t.strip(), seconds=per, tokens=n, attention=a)
+                for t, n, a in zip(texts, lengths, atts, strict=True)]
+
+    def prefill_attention(self, requests: Sequence[Request], gen: GenerationConfig) -> list[ImageAttention | str]:
+        """One prefill-only pass per batch (no generation): each request's attention on its image, or the
+        reason it failed."""
+        if not requests:
+            return []
+        try:
+            return list(self._prefill_batch(requests, gen))
+        except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            if len(requests) == 1:
+                return [f"{type(e).__name__}: {first_line(e)}"]
+            return [a for req in requests for a in self.prefill_attention([req], gen)]
+
+    def _prefill_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[ImageAttention]:
+        import torch
+
+        inputs = encode(self.processor, [r.image for r in requests], [r.prompt for r in requests],
+                        **gen.chat_template_kwargs).to(self.model.device)
+        grid = token_grid(self.model, self.processor, inputs)
+        with torch.inference_mode(), capture_last_row(self.model) as rows:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        return image_attention(rows, grid.positions, grid.grids, [r.image.size for r in requests])
 
     def close(self) -> None:
         self.model = None
+
+
+def generated_lengths(new_tokens, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens each row generated: up to and including its first end-of-sequence token (rows that finish early
+    are padded to the batch's length)."""
+    import torch
+
+    width = new_tokens.shape[1]
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if not eos or width == 0:
+        return [width] * new_tokens.shape[0]
+    is_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], width, dtype=torch.long))
+    return first.tolist()
 
 
 def model_fingerprint(path: str, model=None) -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.context import for_vllm
 from vopd_bench.errors import VopdError
-from vopd_bench.modeling import first_line, resolve_model_path
+from vopd_bench.modeling import first_line, resolve_model_path, say_once
 
 
 class VLLMBackend:
@@ -56,7 +57,9 @@ class VLLMBackend:
         if mm_processor_kwargs:
             self.engine_args["mm_processor_kwargs"] = dict(mm_processor_kwargs)
         self.llm = engine if engine is not None else _start_engine(self.engine_args)
+        self.prompt_length = for_vllm(self.llm, self.path, trust_remote_code=trust_remote_code)  # runner checks
         self._fingerprint: str | None = None
+        self.batch_splits = 0  # calls that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
         """The weights (as the `hf` backend hashes them) plus vLLM and the dtype: vLLM's kernels and a different
@@ -78,8 +81,12 @@ class VLLMBackend:
         try:
             return self._generate(requests, gen)
         except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. longer than max_model_len) fails the call
+            cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
-                return [Response("", error=f"{type(e).__name__}: {first_line(e)}")]
+                return [Response("", error=cause)]
+            self.batch_splits += 1
+            say_once(f"vllm-split:{id(self)}", f"a batch of {len(requests)} requests failed ({cause}); its requests "
+                     "are retried one at a time to isolate the failing one (slower; run.json counts such splits)")
             return [r for req in requests for r in self.generate([req], gen)]
 
     def _generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
@@ -91,12 +98,17 @@ class VLLMBackend:
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(out.outputs[0].text.strip(), seconds=per) for out in outputs]
+        return [Response(out.outputs[0].text.strip(), seconds=per, tokens=_n_tokens(out.outputs[0])) for out in outputs]
 
     def close(self) -> None:
         # Dropping the engine shuts down its worker processes and frees the GPU memory for what runs next.
         self.llm = None
         gc.collect()
+
+
+def _n_tokens(completion: Any) -> int | None:
+    ids = getattr(completion, "token_ids", None)
+    return len(ids) if ids is not None else None
 
 
 def conversation(request: Request) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""Tiny real-architecture VLMs built entirely offline: a byte-level BPE tokenizer trained on an in-memory
-corpus, the official Qwen2-VL processor around it, and a randomly initialised Qwen2-VL.
+"""The original tiny Qwen2-VL: a byte-level BPE tokenizer trained on an in-memory corpus, the official
+Qwen2-VL processor around it, and a randomly initialised Qwen2-VL.
 
 The toy model (`vopd_bench.toy`) starts from `build_tiny_vlm`, and the tests use it wherever they need a model
 that loads through the ordinary `from_pretrained` API without hub access.
