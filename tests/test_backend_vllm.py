@@ -140,12 +140,24 @@ def test_registry_and_wide_batches(fake_vllm):
     assert fake_vllm[0].kwargs["tensor_parallel_size"] == 2
 
 
-def test_fingerprint_hashes_local_weights_and_names_vllm(fake_vllm, model_dir):
-    from vopd_bench.backends.hf import model_fingerprint
+def _folder_hash(folder) -> str:
+    """The documented fingerprint of a local folder, computed here by hand: sha256 over each model file's name,
+    size and bytes, in name order, first 16 hex digits."""
+    import hashlib
 
+    h = hashlib.sha256()
+    for name, data in (("config.json", b'{"model_type": "qwen2_vl"}'), ("model.safetensors", b"weights v1")):
+        assert (folder / name).read_bytes() == data
+        h.update(name.encode() + str(len(data)).encode() + data)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def test_fingerprint_hashes_local_weights_and_names_vllm(fake_vllm, model_dir):
     first = VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint()
-    assert first == f"vllm:{model_fingerprint(str(model_dir))}:bfloat16"
-    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{model_fingerprint(str(model_dir))}:auto"
+    assert first == f"vllm:{_folder_hash(model_dir)}:bfloat16"
+    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{_folder_hash(model_dir)}:auto"
+    (model_dir / "notes.md").write_text("not part of the model")  # only model files count
+    assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() == first
     (model_dir / "model.safetensors").write_bytes(b"weights v2")
     assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() != first  # new weights, new records
     assert VLLMBackend("no-such-org/no-such-model").fingerprint() == "vllm:hub:no-such-org/no-such-model@unknown:auto"
