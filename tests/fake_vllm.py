@@ -68,6 +68,10 @@ class SamplingParams:
                                       parameter="temperature", value=self.temperature)
         if 0 < self.temperature < 1e-2:  # vLLM raises it silently (a log warning)
             self.temperature = 1e-2
+        if self.stop_token_ids is None:  # vLLM turns both into empty lists
+            self.stop_token_ids = []
+        if self.bad_words is None:
+            self.bad_words = []
 
 
 # ---------------------------------------------------------------------- vllm.logprobs, vllm.outputs
