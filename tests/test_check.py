@@ -58,3 +58,17 @@ def test_the_fast_path_line_says_when_a_family_has_none(tiny_model_dir, monkeypa
         **{**QWEN_VL.__dict__, "vision_once": skewed}))
     line = check._vision_fast_path(backend)
     assert (line.ok, line.required) == (False, True) and line.detail.startswith("hidden states differ")
+
+
+def test_a_processor_that_needs_a_missing_package_says_which(tiny_model_dir, monkeypatch):
+    import transformers
+
+    def needs(*args, **kwargs):
+        raise ImportError("Package `num2words` is required to run SmolVLM processor. Install it with "
+                          "`pip install num2words`.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs)
+    line = run_check(str(tiny_model_dir))[0]
+    assert (line.capability, line.ok) == ("load", False)
+    assert line.detail == (f"cannot load model {str(tiny_model_dir)!r}: Package `num2words` is required to run "
+                           "SmolVLM processor. Install it with `pip install num2words`.")

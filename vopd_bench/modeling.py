@@ -75,6 +75,8 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = Non
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         net = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except ImportError as e:  # a processor that needs an optional package (e.g. SmolVLM's num2words)
+        raise VopdError(f"cannot load model {model!r}: {one_line(e)}") from None
     except (OSError, ValueError, KeyError) as e:
         where = "" if looks_local else " (not a local folder, and not found on the hub or in its cache)"
         raise VopdError(f"cannot load model {model!r}{where}: {one_line(e)}") from None

@@ -188,6 +188,8 @@ class HFRolloutEngine:
                 out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
                                           top_p=1.0, max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise unsupported(_model_name(self.model), "sample rollouts", e) from e
         finally:
