@@ -22,6 +22,8 @@ Metrics, per benchmark and per category (`<view>` is each view that was run: ful
 - `n_sample_errors`: samples with at least one errored record (n = n_samples).
 - `n_no_evidence`: samples that have no box and therefore got the full view only (n = n_samples).
 - `boxes_clamped`: boxes clamped to their image, summed over samples (n = n_samples).
+- With `--focus` or the selfcrop view: `focus_<view>*`, `gap_selfzoom`, `selfzoom_recovery`, `selfcrop_iou`,
+  `selfcrop_hit` (see `vopd_bench.focus`). The selfcrop view needs no evidence and stays out of the gaps above.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def _group_metrics(bench: str, cat: str, st: pd.DataFrame, views: list[str], pai
         has = st[f"has_{v}"]
         rows.append(_row(bench, cat, f"n_errors_{v}", int((has & ~st[f"ok_{v}"]).sum()), n=int(has.sum())))
     rows.append(_row(bench, cat, "n_sample_errors", int(st["any_error"].sum()), n=len(st)))
-    others = [v for v in views if v != "full"]
+    others = [v for v in views if v not in ("full", "selfcrop")]  # selfcrop needs no evidence
     full_only = ~st[[f"has_{v}" for v in others]].any(axis=1) if others else pd.Series(True, index=st.index)
     no_evidence = full_only & ~st["has_boxes"] & ~st["sample_error"]
     rows.append(_row(bench, cat, "n_no_evidence", int(no_evidence.sum()), n=len(st)))
@@ -205,6 +207,14 @@ def _paired_metrics(bench: str, cat: str, paired: pd.DataFrame, views: list[str]
     return rows
 
 
+def _attention_metrics(bench: str, cat: str, st: pd.DataFrame, bdf: pd.DataFrame, views: list[str],
+                       n_boot: int, seed: int) -> list[dict]:
+    """--focus and selfcrop rows (vopd_bench.focus); none for runs without them."""
+    from vopd_bench import focus
+
+    return focus.focus_rows(bench, cat, bdf, views, n_boot, seed) + focus.selfzoom_rows(bench, cat, st, bdf, n_boot, seed)
+
+
 def _extra_rows(bench: str, fn: ExtraMetrics, bdf: pd.DataFrame) -> list[dict]:
     out = []
     for row in fn(bdf.drop(columns=["valid", "right"])):
@@ -237,9 +247,12 @@ def summarize(records: Iterable[RecordLike], *, extra_metrics: Mapping[str, Extr
             # would leave no paired sample at all; the gaps are then taken over the views that did answer.
             paired_views = [v for v in CANONICAL_VIEWS if v in views and st[f"ok_{v}"].any()]
             rows += _group_metrics(bench, ALL, st, views, paired_views, n_boot, seed)
+            rows += _attention_metrics(bench, ALL, st, bdf, views, n_boot, seed)
             for cat in sorted(c for c in st["category"].dropna().unique()):
                 sub = st[st["category"] == cat]
                 rows += _group_metrics(bench, str(cat), sub, views, paired_views, n_boot, seed)
+                rows += _attention_metrics(bench, str(cat), sub, bdf[bdf["sample_id"].isin(sub.index)], views,
+                                           n_boot, seed)
             if extra_metrics and bench in extra_metrics:
                 rows += _extra_rows(bench, extra_metrics[bench], bdf)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

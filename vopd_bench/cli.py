@@ -34,7 +34,9 @@ def gap_report(
                                    help="Comma-separated benchmarks, e.g. `synthetic,vstar` or `local:data/my.jsonl`. "
                                         "`vopd benchmarks` lists them."),
     views: str = typer.Option("full,crop,box", help="Comma-separated views: full, crop (evidence crop), box (full "
-                                                     "image with the evidence outlined in red, plus the paper's hint)."),
+                                                     "image with the evidence outlined in red, plus the paper's hint), "
+                                                     "selfcrop (the window the model's own attention picks, zoomed "
+                                                     "as the crop; hf backend)."),
     limit: int | None = typer.Option(None, help="Ask at most this many samples per benchmark."),
     backend: str = typer.Option("hf", help="Backend: hf (transformers), vllm (offline engine) or openai "
                                             "(any OpenAI-compatible server)."),
@@ -67,6 +69,8 @@ def gap_report(
     judge_model: str | None = typer.Option(None, help="Model name of the judge."),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    focus: bool = typer.Option(False, "--focus", help="Also record where the model looks: the attention ratio on the "
+                                                       "evidence per layer band (focus_<view> rows; hf backend)."),
 ) -> None:
     """Ask every benchmark question under several views and report the regional-to-global perception gap."""
     from vopd_bench.runner import GapReportConfig, run_gap_report
@@ -91,7 +95,7 @@ def gap_report(
         trust_remote_code=trust_remote_code, data_dir=str(data_dir) if data_dir else None, quiet=quiet,
         view_config=ViewConfig(context=crop_context, min_side=crop_min_side, zoom=crop_zoom),
         backend_options=backend_options, chat_template_kwargs={"enable_thinking": False} if no_thinking else {},
-        judge=judge,
+        judge=judge, focus=focus,
     )
     result = run_gap_report(cfg)
     if not quiet:

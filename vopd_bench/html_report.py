@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from vopd_bench import analysis, plots, report, views
 from vopd_bench.errors import SampleError, VopdError
@@ -33,6 +33,7 @@ from vopd_bench.samples import LETTERS, Sample
 from vopd_bench.views import ViewConfig
 
 THUMB_SIDE = 320
+WINDOW_COLOUR = (255, 140, 0)  # the self-zoom window, orange next to the evidence's red
 JPEG_QUALITY = 82
 RESPONSE_CHARS = 400  # raw responses longer than this are cut in the gallery (samples.jsonl has them whole)
 SampleLookup = Callable[[str, str], Sample | None]
@@ -62,6 +63,7 @@ class GalleryCase:
     image: str | None  # path from the record; None for procedural benchmarks
     boxes: list[list[float]]
     answers: list[ViewAnswer] = field(default_factory=list)
+    window: list[int] | None = None  # the selfcrop view's attention window, source pixels
 
 
 # ---- selecting cases ----------------------------------------------------------------------------------------
@@ -105,6 +107,8 @@ def gallery_cases(records: Sequence[Any], max_gallery: int = 60) -> tuple[list[G
     shown = [r for r in records if (_field(r, "benchmark"), str(_field(r, "sample_id"))) in wanted]
     sub = analysis.records_frame(shown)
     by_sample: dict[tuple[str, str], list[ViewAnswer]] = {}
+    windows = {(r.benchmark, r.sample_id): list(r.window) for r in sub.itertuples(index=False)
+               if r.view == "selfcrop" and isinstance(r.window, list) and r.window}
     for r in sub.itertuples(index=False):
         by_sample.setdefault((r.benchmark, r.sample_id), []).append(ViewAnswer(
             r.view, _opt(r.response), _opt(r.parsed), bool(r.right), bool(r.parse_failed), _opt(r.error)))
@@ -116,7 +120,8 @@ def gallery_cases(records: Sequence[Any], max_gallery: int = 60) -> tuple[list[G
             benchmark=f["benchmark"], sample_id=str(f["sample_id"]), category=_opt(f.get("category")),
             evidence_area=_opt(f.get("evidence_area")), question=str(f.get("question") or ""),
             options=list(f.get("options") or []), answer=_opt(f.get("answer")), image=_opt(f.get("image")),
-            boxes=[list(b) for b in (f.get("boxes") or [])], answers=answers))
+            boxes=[list(b) for b in (f.get("boxes") or [])], answers=answers,
+            window=windows.get((f["benchmark"], str(f["sample_id"])))))
     return cases, totals
 
 
@@ -157,6 +162,10 @@ def case_images(case: GalleryCase, cfg: ViewConfig, sample: Sample | None = None
     if boxes:
         s = full.width / image.width
         full = views.box_view(full, [tuple(v * s for v in b) for b in boxes], ViewConfig(box_width=2))
+    if case.window:
+        s = full.width / image.width
+        x1, y1, x2, y2 = (v * s for v in case.window)
+        ImageDraw.Draw(full).rectangle((x1, y1, x2 - 1, y2 - 1), outline=WINDOW_COLOUR, width=2)
     if provided is not None:
         crop = provided
     elif boxes:
@@ -211,7 +220,8 @@ table.answers td, table.answers th { white-space: normal; text-align: left; }
 .resp { color: var(--mute); font-size: 12px; word-break: break-word; }
 """
 
-_VIEW_LABEL = {"full": "full image", "crop": "evidence crop", "box": "full + red box"}
+_VIEW_LABEL = {"full": "full image", "crop": "evidence crop", "box": "full + red box",
+               "selfcrop": "self-zoom window"}
 
 
 def _esc(x: Any) -> str:
@@ -258,8 +268,9 @@ def _case_html(case: GalleryCase, cfg: ViewConfig, lookup: SampleLookup | None) 
         sample = lookup(case.benchmark, case.sample_id) if lookup is not None else None
         full_uri, crop_uri = case_images(case, cfg, sample)
         zoom = "" if sample is not None and sample.crop_image is not None else f", ×{cfg.zoom:g}"
+        window_note = ", self-zoom window in orange" if case.window else ""
         pics = (f'<div class="pics"><figure><img src="{full_uri}" alt="full image, evidence outlined">'
-                "<figcaption>full image, evidence outlined</figcaption></figure>"
+                f"<figcaption>full image, evidence outlined{window_note}</figcaption></figure>"
                 f'<figure><img src="{crop_uri}" alt="evidence crop"><figcaption>evidence crop{zoom}</figcaption>'
                 "</figure></div>")
     except VopdError as e:  # SampleError included: a bad image costs its pictures, never the page

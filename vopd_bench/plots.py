@@ -22,6 +22,7 @@ COLORS = {
     "full": "#4C72B0",
     "crop": "#55A868",
     "box": "#C44E52",
+    "selfcrop": "#DD8452",
     "gap": "#55A868",
     "gap_locate": "#C44E52",
     "gap_zoom": "#8172B2",
@@ -30,6 +31,7 @@ LABELS = {
     "full": "full image",
     "crop": "evidence crop",
     "box": "full + red box",
+    "selfcrop": "self-zoom (attention window)",
     "gap": "gap (crop − full)",
     "gap_locate": "where to look (box − full)",
     "gap_zoom": "how closely (crop − box)",
@@ -94,7 +96,7 @@ def _grouped_bars(summary: pd.DataFrame, keys: list[str], metric_of: dict[str, s
 
 def plot_accuracy(summary: pd.DataFrame, path: str | Path) -> Path | None:
     """Accuracy per view and benchmark, with 95% Wilson intervals."""
-    views = ["full", "crop", "box"]
+    views = ["full", "crop", "box", "selfcrop"]
     return _grouped_bars(summary, views, {v: f"acc_{v}" for v in views}, path,
                          "Accuracy per view (95% CI)", "accuracy (%)", percent_axis=True)
 
@@ -138,7 +140,37 @@ def plot_gap_by_area(summary: pd.DataFrame, path: str | Path) -> Path | None:
     return path
 
 
-PLOTS = {"accuracy.png": plot_accuracy, "gap.png": plot_gap, "gap_by_area.png": plot_gap_by_area}
+def plot_focus(summary: pd.DataFrame, path: str | Path) -> Path | None:
+    """The attention ratio (middle layers) of right and wrong answers, per benchmark and view; 1 = no preference."""
+    rows = summary[(summary["category"] == ALL) & summary["metric"].str.match(r"^focus_\w+_(correct|wrong)$")]
+    rows = rows[rows["value"].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
+    if rows.empty:
+        return None
+    pairs = {(r.benchmark, r.metric.rsplit("_", 1)[0].removeprefix("focus_")) for r in rows.itertuples()}
+    order = {v: i for i, v in enumerate(("full", "box", "crop", "selfcrop"))}
+    groups = sorted(pairs, key=lambda g: (g[0], order.get(g[1], len(order)), g[1]))
+    fig, ax = _new_figure(len(groups), height=4.0)
+    x = np.arange(len(groups))
+    for i, (outcome, color) in enumerate((("correct", COLORS["crop"]), ("wrong", COLORS["box"]))):
+        sub = rows.set_index(["benchmark", "metric"]).reindex([(b, f"focus_{v}_{outcome}") for b, v in groups])
+        have = sub["value"].notna().to_numpy()
+        bars = ax.bar(x[have] + (i - 0.5) * 0.4, sub["value"].to_numpy()[have], 0.37, yerr=_yerr(sub[have], 1),
+                      capsize=3, color=color, label=f"{outcome} answers", error_kw={"elinewidth": 1, "alpha": 0.8})
+        ax.bar_label(bars, labels=[f"{v:.2f}\nn={int(n)}" for v, n in zip(sub["value"].to_numpy()[have],
+                                                                          sub["n"].to_numpy()[have], strict=True)],
+                     fontsize=6, padding=2)
+    ax.axhline(1, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, [f"{b}\n{v}" for b, v in groups])
+    ax.set_ylabel("attention ratio on the evidence")
+    ax.set_title("Attention on the evidence vs correctness (middle layers, 95% CI)")
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+PLOTS = {"accuracy.png": plot_accuracy, "gap.png": plot_gap, "gap_by_area.png": plot_gap_by_area,
+         "focus.png": plot_focus}
 
 
 def plot_all(summary: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:

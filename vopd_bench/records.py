@@ -19,7 +19,7 @@ class Record:
     key: str  # covers model fingerprint, generation settings, benchmark, sample, view, view config and prompt
     benchmark: str  # e.g. "synthetic", "vstar", "local:mydata"
     sample_id: str
-    view: str  # "full" | "crop" | "box"
+    view: str  # "full" | "crop" | "box" | "selfcrop"
     category: str | None = None
     question: str | None = None
     options: list[str] = field(default_factory=list)
@@ -40,6 +40,8 @@ class Record:
     model: str | None = None  # model fingerprint
     seconds: float = 0.0  # backend time attributed to this request
     meta: dict[str, Any] = field(default_factory=dict)  # benchmark-specific fields for its own metrics
+    focus: dict[str, float] | None = None  # --focus: attention ratio per layer band (vopd_bench.focus)
+    window: list[int] | None = None  # selfcrop view: the region the model's attention chose, source pixels
 
     def to_json(self) -> str:
         # Every field already holds JSON types; vars() avoids asdict's deep copy (5x slower on big metadata).

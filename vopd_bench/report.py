@@ -22,10 +22,11 @@ from vopd_bench.analysis import ALL, AREA_LABELS, AREA_PREFIX, CANONICAL_VIEWS, 
 
 DASH = "–"
 FIGURES = {"accuracy.png": "Accuracy per view", "gap.png": "Gap and its parts",
-           "gap_by_area.png": "Gap vs evidence size"}
+           "gap_by_area.png": "Gap vs evidence size", "focus.png": "Attention on the evidence vs correctness"}
 _CORE = re.compile(
     r"^(n_samples|acc_\w+|gap|gap_locate|gap_zoom|mcnemar_p|both_right|recoverable|crop_only_failure|both_wrong|"
-    r"gap_area:.*|parse_fail_\w+|n_errors_\w+|n_sample_errors|n_no_evidence|boxes_clamped)$"
+    r"gap_area:.*|parse_fail_\w+|n_errors_\w+|n_sample_errors|n_no_evidence|boxes_clamped|focus_\w+|"
+    r"gap_selfzoom|selfzoom_recovery|selfcrop_iou|selfcrop_hit)$"
 )
 
 
@@ -165,6 +166,8 @@ def render_report(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
     out += _category_section(summary, look, benches)
     out += _transition_section(look, benches)
     out += _area_section(look, benches)
+    out += _selfzoom_section(look, benches)
+    out += _focus_section(summary, look, benches)
     out += _other_section(summary)
     out += _notes(look, benches, rec_df, records)
     if figures:
@@ -214,6 +217,57 @@ def _area_section(look: _Lookup, benches: list[str]) -> list[str]:
     out = ["## Gap by evidence size", "",
            "Evidence area = union of the evidence boxes over the image area; gap = crop − full in pp.", ""]
     out += _table(["benchmark", "evidence area", "n", "gap"], rows)
+    out.append("")
+    return out
+
+
+def _selfzoom_section(look: _Lookup, benches: list[str]) -> list[str]:
+    have = [b for b in benches if look.get(b, ALL, "acc_selfcrop") is not None]
+    if not have:
+        return []
+    out = ["## Self-zoom: the model crops by its own attention", "",
+           "`selfcrop` asks again on the window where the question's attention, relative to a generic "
+           "description's, is sharpest (zoomed as the crop view). Recovery = (selfcrop − full) / (crop − full); "
+           "IoU and hit (evidence centre inside the window) only where evidence boxes exist.", ""]
+
+    def ratio(b: str, m: str) -> str:
+        return _ratio_cell(look, b, m, with_n=False)
+
+    out += _table(["benchmark", "full %", "selfcrop %", "crop %", "selfcrop − full", "recovery", "window IoU",
+                   "hit %", "n"], (
+        [b, look.acc(b, ALL, "acc_full"), look.acc(b, ALL, "acc_selfcrop"), look.acc(b, ALL, "acc_crop"),
+         look.gap(b, ALL, "gap_selfzoom"), ratio(b, "selfzoom_recovery"), ratio(b, "selfcrop_iou"),
+         look.acc(b, ALL, "selfcrop_hit"), look.n(b, ALL, "gap_selfzoom")] for b in have))
+    out.append("")
+    return out
+
+
+def _ratio_cell(look: _Lookup, bench: str, metric: str, with_n: bool = True) -> str:
+    r = look.get(bench, ALL, metric)
+    if r is None or not _finite(r.value):
+        return DASH
+    ci = f" [{r.ci_low:.2f}, {r.ci_high:.2f}]" if _finite(r.ci_low) and _finite(r.ci_high) else ""
+    return f"{r.value:.2f}{ci}" + (f" (n={int(r.n)})" if with_n else "")
+
+
+def _focus_section(summary: pd.DataFrame, look: _Lookup, benches: list[str]) -> list[str]:
+    rows = []
+    for b in benches:
+        names = summary.loc[(summary["benchmark"] == b) & (summary["category"] == ALL), "metric"]
+        for view in analysis.ordered_views(m.removeprefix("focus_") for m in names
+                                           if re.fullmatch(r"focus_[a-z]+", m)):
+            m = f"focus_{view}"
+            rows.append([b, view, *(_ratio_cell(look, b, x) for x in (m, f"{m}_early", f"{m}_late", f"{m}_correct",
+                                                                     f"{m}_wrong")),
+                         look.acc(b, ALL, f"{m}_above1")])
+    if not rows:
+        return []
+    out = ["## Focus: attention on the evidence", "",
+           "Attention ratio = the share of the last prompt position's attention on the image that falls inside the "
+           "evidence, over the evidence's share of image tokens (1 = no preference), head mean, averaged over the "
+           "middle third of the LM's attention layers unless named; 95% bootstrap intervals.", ""]
+    out += _table(["benchmark", "view", "middle", "early", "late", "right answers", "wrong answers",
+                   "ratio > 1 (%)"], rows)
     out.append("")
     return out
 

@@ -54,6 +54,7 @@ class GapReportConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. base_url for openai; never secrets
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] | None = None  # {"base_url", "model", "api_key_env"}: LLM judge for undecided answers
+    focus: bool = False  # record each answer's attention ratio on the evidence (vopd_bench.focus)
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
@@ -93,16 +94,23 @@ def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: 
             wanted = cfg.views
         else:
             # A benchmark-provided crop (ZoomBench) gives a crop view; only boxes give a box view.
-            wanted = tuple(v for v in cfg.views
-                           if v == "full" or (v == "crop" and s.has_evidence) or (v == "box" and s.boxes))
+            wanted = tuple(v for v in cfg.views if v in ("full", *views.ATTENTION_VIEWS)
+                           or (v == "crop" and s.has_evidence) or (v == "box" and s.boxes))
         for view in wanted:
             if isinstance(s, BadSample):
                 prompt = f"<unreadable row: {s.error}>"
             else:
                 q = views.with_hint(s.question) if view == "box" else s.question
                 prompt = spec.render_prompt(q, s.options)
-            key = record_key(model=fingerprint, generation=gen.as_dict(), benchmark=spec.name, sample_id=s.id,
-                             view=view, view_config=cfg.view_config.as_dict(), prompt=prompt)
+            view_config = cfg.view_config.as_dict()
+            if view == "selfcrop":
+                from vopd_bench import selfcrop
+
+                view_config["selfcrop"] = selfcrop.settings()
+            # --focus adds to the record, so a focus run does not take a plain run's records as done.
+            generation = {**gen.as_dict(), "focus": True} if cfg.focus else gen.as_dict()
+            key = record_key(model=fingerprint, generation=generation, benchmark=spec.name, sample_id=s.id,
+                             view=view, view_config=view_config, prompt=prompt)
             planned.append(_Planned(key, spec, s, view, prompt))
     return planned
 
@@ -232,6 +240,7 @@ class _Batcher:
         self.queues: dict[tuple[str, str], list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
         self.backend_seconds = 0.0
         self.n_batches = 0
+        self.view_config = ViewConfig()  # how crops are cut (the selfcrop view's zoom, focus boxes in crops)
 
     def record_now(self, p: _Planned, rec: Record) -> None:
         """A record that needs no backend call (a per-sample error)."""
@@ -254,9 +263,11 @@ class _Batcher:
         from vopd_bench import scoring
 
         batch, self.queues[name] = self.queues[name], []
+        b0 = time.perf_counter()
+        if name[1] == "selfcrop":
+            batch = self._zoom_in(batch)
         if not batch:
             return
-        b0 = time.perf_counter()
         responses = self.backend.generate([Request(p.key, img, p.prompt) for p, _, img in batch], self.gen)
         self.backend_seconds += time.perf_counter() - b0
         if len(responses) != len(batch):
@@ -273,6 +284,8 @@ class _Batcher:
                 rec.error, rec.error_kind = str(e), "sample"
                 continue
             rec.parsed, rec.correct, rec.parse_failed = sc.parsed, sc.correct, sc.parse_failed
+            if resp.attention is not None:
+                self._add_focus(p, rec, resp.attention)
         if self.judge is not None:
             self.judge.rescore([rec for _, rec, _ in batch])
         self.store.append([rec for _, rec, _ in batch])
@@ -281,21 +294,59 @@ class _Batcher:
         if self.on_batch is not None:
             self.on_batch(self.n_batches)
 
+    def _zoom_in(self, batch: list[tuple[_Planned, Record, Image.Image]]) -> list[tuple[_Planned, Record, Image.Image]]:
+        """The selfcrop view: choose each window from the model's attention (two prefill passes), then ask on
+        the window's crop. A sample whose window cannot be chosen is recorded with the reason."""
+        from vopd_bench import selfcrop
+
+        kept = []
+        windows = selfcrop.locate(self.backend, [(p.prompt, img) for p, _, img in batch], self.gen)
+        for (p, rec, img), win in zip(batch, windows, strict=True):
+            if isinstance(win, str):
+                rec.error, rec.error_kind = win, "backend"
+                self.record_now(p, rec)
+                continue
+            crop, region = selfcrop.crop_window(img, win.box, self.view_config)
+            rec.window = list(region)
+            kept.append((p, rec, crop))
+        return kept
+
+    def _add_focus(self, p: _Planned, rec: Record, att: Any) -> None:
+        from vopd_bench import focus
+
+        provided_crop = p.view == "crop" and isinstance(p.sample, Sample) and p.sample.crop_image is not None
+        if rec.image_size and not provided_crop:
+            shown = focus.boxes_in_view(p.view, rec.boxes, tuple(rec.image_size), self.view_config, rec.window)
+            rec.focus = focus.record_focus(att, shown)
+
 
 def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
                    on_batch: Callable[[int], None] | None = None) -> GapReportResult:
     """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model."""
     t0 = time.perf_counter()
-    bad_views = [v for v in cfg.views if v not in views.VIEWS]
+    bad_views = [v for v in cfg.views if v not in views.ALL_VIEWS]
     if bad_views or not cfg.views:
-        raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.VIEWS)}")
+        raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
     loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
     own_backend = backend is None
+    if backend is None and (cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views)):
+        from vopd_bench import attention
+
+        attention.require_backend(cfg.backend)  # before any server is contacted or model loaded
     if backend is None:
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
                               batch_size=cfg.batch_size, **cfg.backend_options)
+    if cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views):
+        from vopd_bench import attention
+
+        try:
+            attention.enable(backend, focus=cfg.focus)
+        except VopdError:
+            if own_backend:
+                backend.close()
+            raise
     fingerprint = backend.fingerprint()
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs)
     out_dir = cfg.out_dir()
@@ -316,6 +367,7 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
     batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
+    batcher.view_config = cfg.view_config
     todo: list[list[_Planned]] = []  # per sample, the views still to ask
     for lb in loaded:
         for view in cfg.views:

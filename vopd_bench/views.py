@@ -17,7 +17,11 @@ from PIL import Image, ImageDraw
 from vopd_bench import geometry
 from vopd_bench.geometry import Box
 
-VIEWS = ("full", "crop", "box")
+VIEWS = ("full", "crop", "box")  # the default views
+# Views chosen from the model's own attention (vopd_bench.selfcrop); rendered as the full image here, the
+# window is cut later, once the model has looked.
+ATTENTION_VIEWS = ("selfcrop",)
+ALL_VIEWS = VIEWS + ATTENTION_VIEWS
 # The spatial constraint of Vision-OPD / ZwZ training data (paper.md §3), spelled correctly.
 BOX_HINT = "Only focus on the objects inside the red bounding box in the image to answer this question."
 
@@ -82,7 +86,7 @@ def with_hint(question: str) -> str:
 def render(view: str, image: Image.Image, question: str, boxes: Sequence[Box], cfg: ViewConfig = ViewConfig(),
            provided_crop: Image.Image | None = None) -> RenderedView:
     """Render one view. `boxes` must already be clamped to the image."""
-    if view == "full":
+    if view in ("full", *ATTENTION_VIEWS):
         return RenderedView(full_view(image), question)
     if view == "crop":
         if provided_crop is not None:
@@ -91,4 +95,4 @@ def render(view: str, image: Image.Image, question: str, boxes: Sequence[Box], c
         return RenderedView(crop, question, region)
     if view == "box":
         return RenderedView(box_view(image, boxes, cfg), with_hint(question))
-    raise ValueError(f"unknown view {view!r}; expected one of {', '.join(VIEWS)}")
+    raise ValueError(f"unknown view {view!r}; expected one of {', '.join(ALL_VIEWS)}")

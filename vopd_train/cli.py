@@ -69,7 +69,8 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
             del trainer  # free the training copies before two more models are loaded
             measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.eval_limit,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-                                 trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir)
+                                 trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir,
+                                 focus=cfg.focus)
             print_before_after(measured.table, out)
             out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}

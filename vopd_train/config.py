@@ -117,6 +117,8 @@ class DistillConfig:
     eval_limit: int | None = _opt(None, "Ask at most this many samples per held-out benchmark.")
     eval_batch_size: int = _opt(16, "Batch size of the re-measure.")
     eval_max_new_tokens: int = _opt(32, "Longest answer in the re-measure.")
+    focus: bool = _opt(False, "Re-measure with gap-report --focus: before_after.csv also compares the attention "
+                              "on the evidence (focus_<view> rows) before and after.")
 
     def validate(self) -> DistillConfig:
         def need(ok: bool, msg: str) -> None:
@@ -159,7 +161,7 @@ class DistillConfig:
 # Fields that do not change the trained weights: a resumed run may change them freely.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
                 "eval_batch_size", "eval_max_new_tokens", "out", "threads", "vllm_gpu_memory_utilization",
-                "vllm_sleep_mode"}
+                "vllm_sleep_mode", "focus"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.

@@ -6,7 +6,8 @@ before, after, delta, ci_low, ci_high, n`. Metrics: `acc_full`, `acc_crop`, `acc
 `gap_locate` (box − full), `gap_zoom` (crop − box) and `mean_full_crop` ((full + crop) / 2). Each metric is
 computed on the samples that have a valid answer for every view it uses in *both* runs (n), and the CI of the
 delta comes from a paired bootstrap over those samples: a sample's before and after answers are resampled
-together.
+together. With `focus`, the rows of `vopd_bench.focus.before_after_rows` follow: where each view's attention
+went, before and after.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Remeasure:
 
 def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str], out: Path, *, limit: int | None = None,
               batch_size: int = 16, max_new_tokens: int = 32, trust_remote_code: bool = False,
-              quiet: bool = False, data_dir: str | None = None) -> Remeasure:
+              quiet: bool = False, data_dir: str | None = None, focus: bool = False) -> Remeasure:
     """Run gap-report for both models (each resumable in its own folder) and write the comparison."""
     from vopd_bench.runner import GapReportConfig, run_gap_report
     from vopd_train.plots import plot_before_after
@@ -97,9 +98,16 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
     for name, model in (("before", base_model), ("after", str(trained_model))):
         cfg = GapReportConfig(model=model, benchmarks=list(benchmarks), limit=limit, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, out=str(out / name),
-                              trust_remote_code=trust_remote_code, quiet=quiet, data_dir=data_dir)
+                              trust_remote_code=trust_remote_code, quiet=quiet, data_dir=data_dir, focus=focus)
         runs[name] = run_gap_report(cfg)
     table = before_after_table(runs["before"].records, runs["after"].records)
+    if focus:
+        import pandas as pd
+
+        from vopd_bench.focus import before_after_rows
+
+        extra = pd.DataFrame(before_after_rows(runs["before"].records, runs["after"].records), columns=COLUMNS)
+        table = pd.concat([table, extra], ignore_index=True) if not extra.empty else table
     csv = out / "before_after.csv"
     table.to_csv(csv, index=False)
     plot = out / "before_after.png"

@@ -50,6 +50,7 @@ class Response:
     text: str
     error: str | None = None  # set when the backend could not answer this request
     seconds: float = 0.0
+    attention: Any = None  # vopd_bench.attention.ImageAttention of the prompt, when the backend captures focus
 
 
 @runtime_checkable

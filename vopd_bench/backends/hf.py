@@ -7,8 +7,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
 from vopd_bench.backends.base import GenerationConfig, Request, Response, decoding_settings
 from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
+from vopd_bench.token_grid import token_grid
 
 # Hash whole weight files up to this size; above it, size plus head and tail (a 9B model is 18 GB).
 _FULL_HASH_LIMIT = 256 * 2**20
@@ -28,6 +30,7 @@ class HFBackend:
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
         self._fingerprint: str | None = None
+        self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
 
     def fingerprint(self) -> str:
@@ -58,11 +61,40 @@ class HFBackend:
         kwargs = dict(hf_generate_kwargs(decoding_settings(gen)), bad_words_ids=self._bad_ids or None)
         if kwargs["do_sample"]:
             torch.manual_seed(gen.seed)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **kwargs)
+        if not self.capture_focus:
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **kwargs)
+            atts: list = [None] * len(requests)
+        else:
+            grid = token_grid(self.model, self.processor, inputs)
+            with torch.inference_mode(), capture_last_row(self.model) as rows:
+                out = self.model.generate(**inputs, **kwargs)
+            atts = image_attention(rows, grid.positions, grid.grids, [r.image.size for r in requests])
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(t.strip(), seconds=per) for t in texts]
+        return [Response(t.strip(), seconds=per, attention=a) for t, a in zip(texts, atts, strict=True)]
+
+    def prefill_attention(self, requests: Sequence[Request], gen: GenerationConfig) -> list[ImageAttention | str]:
+        """One prefill-only pass per batch (no generation): each request's attention on its image, or the
+        reason it failed."""
+        if not requests:
+            return []
+        try:
+            return list(self._prefill_batch(requests, gen))
+        except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
+            if len(requests) == 1:
+                return [f"{type(e).__name__}: {first_line(e)}"]
+            return [a for req in requests for a in self.prefill_attention([req], gen)]
+
+    def _prefill_batch(self, requests: Sequence[Request], gen: GenerationConfig) -> list[ImageAttention]:
+        import torch
+
+        inputs = encode(self.processor, [r.image for r in requests], [r.prompt for r in requests],
+                        **gen.chat_template_kwargs).to(self.model.device)
+        grid = token_grid(self.model, self.processor, inputs)
+        with torch.inference_mode(), capture_last_row(self.model) as rows:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        return image_attention(rows, grid.positions, grid.grids, [r.image.size for r in requests])
 
     def close(self) -> None:
         self.model = None
