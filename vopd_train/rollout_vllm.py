@@ -18,12 +18,12 @@ own copy of the weights, so `sync_weights` has to copy the student into it after
 Checked against the vLLM 0.33.0 source (tests/test_vllm_conformance.py runs against the real package): `LLM(...,
 logprobs_mode=..., enable_sleep_mode=..., generation_config="vllm")`, `LLM.generate(prompts, sampling_params=list,
 use_tqdm=False)`, `SamplingParams(...)`, `LLM.collective_rpc(function, args=...)`, `LLM.reset_prefix_cache`,
-`LLM.llm_engine.reset_encoder_cache`, `LLM.sleep(level=1)`, `LLM.wake_up(tags) -> bool`, `vllm.exceptions.VLLMValidationError`.
-Only one layout is supported: the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on one GPU
-(tensor parallel size 1). There `collective_rpc` calls a function on the worker directly, so the weights are
-handed over as tensors, never serialised; any other layout is refused at start-up. The fakes in
-tests/fake_vllm.py follow that API; the real paths have not run on a GPU in this repository (benchmarks/vllm_gpu_check.sh
-is the prepared check).
+`LLM.llm_engine.reset_encoder_cache`, `LLM.sleep(level=1)`, `LLM.wake_up(tags) -> bool`,
+`vllm.exceptions.VLLMValidationError`. Only one layout is supported: the engine core in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on one GPU (tensor parallel size 1). There `collective_rpc` calls a function
+on the worker directly, so the weights are handed over as tensors, never serialised; any other layout is refused
+at start-up. The fakes in tests/fake_vllm.py follow that API; the real paths have not run on a GPU in this
+repository (benchmarks/vllm_gpu_check.sh is the prepared check).
 """
 
 from __future__ import annotations
