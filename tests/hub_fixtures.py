@@ -119,6 +119,49 @@ def write_zoombench(root: Path, schema: str = "released") -> Path:
     return repo
 
 
+def textured(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A photo-like image: smooth random shapes plus fine grain, so its content survives resampling."""
+    rng = random.Random(seed)
+    w, h = size
+    coarse = Image.frombytes("RGB", (w // 40, h // 40), rng.randbytes((w // 40) * (h // 40) * 3))
+    mid = Image.frombytes("RGB", (w // 8, h // 8), rng.randbytes((w // 8) * (h // 8) * 3))
+    grain = Image.frombytes("RGB", size, rng.randbytes(w * h * 3))
+    smooth = Image.blend(coarse.resize(size, Image.BICUBIC), mid.resize(size, Image.BICUBIC), 0.4)
+    return Image.blend(smooth, grain, 0.08)
+
+
+def _png_struct(img: Image.Image, name: str) -> dict:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": name}
+
+
+# ZoomBench rows without a bbox column, whose crops are cut from the image at these boxes (xyxy).
+ZOOM_BOXES = {"zr-exact": (200, 120, 320, 210), "zr-x2": (40, 300, 130, 370)}
+
+
+def write_zoombench_crops(root: Path) -> Path:
+    """inclusionAI/ZoomBench as released (no bbox column) with real crops: one cut exactly, one cut and
+    upscaled 2× (ZwZ's pipeline), one cut from another image (no match), one flat, one missing."""
+    repo = root / "ZoomBench-crops"
+    images = [textured(i, (480, 400)) for i in range(5)]
+    exact = images[0].crop(ZOOM_BOXES["zr-exact"])
+    b = ZOOM_BOXES["zr-x2"]
+    x2 = images[1].crop(b).resize(((b[2] - b[0]) * 2, (b[3] - b[1]) * 2), Image.LANCZOS)
+    foreign = textured(99, (480, 400)).crop((100, 100, 220, 190))
+    crops = [exact, x2, foreign, Image.new("RGB", (60, 40), (90, 90, 90)), None]
+    ids = ["zr-exact", "zr-x2", "zr-foreign", "zr-flat", "zr-none"]
+    write_hf_parquet(repo / "data/test-00000-of-00001.parquet", {
+        "id": ids,
+        "query": [f"What colour is object {i}? Select from the following choices.\n(A) red\n(B) blue" for i in ids],
+        "response": ["A", "B", "A", "B", "A"],
+        "image": [_png_struct(im, f"{i}.png") for im, i in zip(images, ids, strict=True)],
+        "crop_image": [None if c is None else _png_struct(c, f"{i}-crop.png") for c, i in zip(crops, ids, strict=True)],
+        "question_type": ["multiple choice"] * 5,
+    }, image_columns=("image", "crop_image"))
+    return repo
+
+
 def write_treebench(root: Path) -> Path:
     """HaochenWang/TreeBench: TreeBench.tsv with base64 images and `target_instances` list literals."""
     repo = root / "TreeBench"
@@ -180,7 +223,12 @@ def write_mme_realworld(root: Path) -> Path:
     cn = [{"index": 0, "question": "图中公交车上的数字是多少？", "multi-choice options":
            ["(A) 13", "(B) 14", "(C) 15", "(D) 16", "(E) 图像中没有显示该数字。"], "answer": "A",
            "category": "Perception/OCR with Complex Context", "l2-category": "text recognition/license",
-           "bytes": b64((300, 200), (7, 8, 9))}]
+           "bytes": b64((300, 200), (7, 8, 9))},
+          # full-width brackets, as some CN rows have them
+          {"index": 1, "question": "路牌是什么颜色？", "multi-choice options":
+           ["（A）红色", "（B） 蓝色", "(C) 绿色", "（D）白色", "（E）图像中没有显示路牌。"], "answer": "B",
+           "category": "Perception/OCR with Complex Context", "l2-category": "text recognition/sign",
+           "bytes": b64((300, 200), (9, 8, 7))}]
     lite = [{**en[1], "index": 7}]
     for folder, rows in (("MME-RealWorld-Lmms-eval", en), ("MME-RealWorld-CN-Lmms-eval", cn),
                          ("MME-RealWorld-lite-lmms-eval", lite)):
@@ -220,11 +268,14 @@ def write_mmvp(root: Path) -> Path:
     return repo
 
 
-def write_cvbench(root: Path) -> Path:
-    """nyu-visionx/CV-Bench: test_2d.parquet and test_3d.parquet with HF Image structs."""
-    repo = root / "CV-Bench"
+def write_cvbench(root: Path, drop: str | None = None) -> Path:
+    """nyu-visionx/CV-Bench: test_2d.parquet and test_3d.parquet with HF Image structs. `drop` leaves one text
+    column out ("question" or "prompt"), in a copy named CV-Bench-no-<drop>."""
+    repo = root / ("CV-Bench" if drop is None else f"CV-Bench-no-{drop}")
     q2 = "How many cars are in the image?"
-    write_hf_parquet(repo / "test_2d.parquet", {
+    write = write_hf_parquet if drop is None else (
+        lambda path, cols: write_hf_parquet(path, {k: v for k, v in cols.items() if k != drop}))
+    write(repo / "test_2d.parquet", {
         "idx": [0, 1], "type": ["2D", "2D"], "task": ["Count", "Relation"],
         "image": [hf_image((64, 48), (9, 9, 9)), hf_image((64, 48), (19, 9, 9))],
         "question": [q2, "Considering the relative positions of the lamp and the sofa, where is the lamp?"],
@@ -236,7 +287,7 @@ def write_cvbench(root: Path) -> Path:
         "source": ["COCO", "ADE20K"], "source_dataset": ["COCO 2017 Validation", "ADE20K Validation"],
         "source_filename": ["1.jpg", "2.jpg"], "target_class": ["car", None], "target_size": [1200, None],
     })
-    write_hf_parquet(repo / "test_3d.parquet", {
+    write(repo / "test_3d.parquet", {
         "idx": [0], "type": ["3D"], "task": ["Depth"], "image": [hf_image((64, 48), (29, 9, 9))],
         "question": ["Which is closer to the camera, the sink (highlighted by a red box) or the towel (highlighted by "
                      "a blue box)?"],

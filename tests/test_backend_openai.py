@@ -163,11 +163,35 @@ def test_api_key_goes_in_the_header_only(hf_backend, monkeypatch):
             OpenAIBackend("tiny", base_url=server.url, api_key_env="VOPD_TEST_KEY", **FAST)
 
 
-def test_fingerprint_names_server_model_and_served_weights(hf_backend):
+def test_fingerprint_names_served_model_and_weights_not_the_url(hf_backend):
     with serve_backend(hf_backend, model_name="tiny") as server:
         client = OpenAIBackend("ignored-when-model-name-is-given", base_url=server.url + "/", model_name="tiny")
-        assert client.fingerprint() == f"openai:{server.url}:tiny:{hf_backend.fingerprint()}"
+        assert client.fingerprint() == f"openai:tiny:{hf_backend.fingerprint()}"
+        assert str(server.port) not in client.fingerprint()
         client.close()
+
+
+def test_restarted_server_on_another_port_resumes_and_another_model_does_not(tmp_path, monkeypatch):
+    """The resume key names the served model, not the URL: the same model behind a new port answers nothing
+    again; other weights under the same name (another `root`) redo every record."""
+    from vopd_bench import runner
+    from vopd_bench.runner import GapReportConfig, run_gap_report
+
+    monkeypatch.setattr(runner, "write_outputs", lambda *a, **k: None)  # only the records matter
+
+    def run(backend: SleepBackend) -> tuple[int, int, list]:
+        with serve_backend(backend, model_name="served") as server:
+            result = run_gap_report(GapReportConfig(
+                model="served", limit=2, quiet=True, out=str(tmp_path), backend="openai",
+                backend_options={"base_url": server.url, "concurrency": 2, **FAST}))
+            return server.port, server.stats.requests, result.records
+
+    port1, asked1, first = run(SleepBackend(0.0))
+    port2, asked2, second = run(SleepBackend(0.0))
+    assert port1 != port2 and asked1 == len(first) == 6 and asked2 == 0
+    assert [r.key for r in second] == [r.key for r in first]
+    _, asked3, third = run(SleepBackend(0.0, seconds_per_item=1e-9))  # other weights: another fingerprint
+    assert asked3 == 6 and {r.model for r in third} == {"openai:served:sleep:0:1e-09"}
 
 
 def test_unreachable_server_and_unknown_model_are_one_line_errors():
@@ -282,7 +306,7 @@ def test_gap_report_through_the_server_equals_hf_with_faults_and_a_key(lively_mo
         return {(r.benchmark, r.sample_id, r.view): (r.response, r.parsed, r.correct, r.error) for r in result.records}
 
     assert len(hf.records) == 9 and table(api) == table(hf)
-    assert api.records[0].model.startswith(f"openai:{server.url}:")
+    assert api.records[0].model == f"openai:{lively_model_dir}:{hf_backend.fingerprint()}"
     for path in (tmp_path / "api").iterdir():
         if path.suffix in (".json", ".jsonl", ".md", ".csv", ".html"):
             assert secret not in path.read_text(encoding="utf-8"), path.name

@@ -125,6 +125,7 @@ def test_parquet_list_columns(tmp_path: Path) -> None:
 
 
 def test_parquet_single_box_column(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
     pd.DataFrame([{"id": "p", "image": "a.png", "question": "Q?", "answer": "x", "bbox": [1.0, 2.0, 3.0, 4.0]}]) \
         .to_parquet(tmp_path / "one.parquet")
     (s,) = benchmarks.load(f"local:{tmp_path / 'one.parquet'}").samples
@@ -132,6 +133,7 @@ def test_parquet_single_box_column(tmp_path: Path) -> None:
 
 
 def test_limit_and_duplicate_ids(tmp_path: Path) -> None:
+    _png(tmp_path / "img" / "a.png")
     rows = [{**GOOD, "id": "same"}, {**GOOD, "id": "same"}, {**GOOD, "id": "other"}]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
     ids = [s.id for s in benchmarks.load(f"local:{path}").samples]
@@ -180,6 +182,7 @@ def test_bad_rows_become_bad_samples_with_reasons(tmp_path: Path) -> None:
 
 
 def test_bad_csv_cell_is_one_bad_row(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
     pd.DataFrame([
         {"id": "ok", "image": "a.png", "question": "Q?", "options": '["a", "b"]', "answer": "A"},
         {"id": "cut", "image": "a.png", "question": "Q?", "options": '["a", "b"', "answer": "A"},
@@ -190,6 +193,7 @@ def test_bad_csv_cell_is_one_bad_row(tmp_path: Path) -> None:
 
 
 def test_non_utf8_line_is_one_bad_row(tmp_path: Path) -> None:
+    _png(tmp_path / "img" / "a.png")
     path = tmp_path / "d.jsonl"
     good = json.dumps({**GOOD, "id": "ok"}).encode()
     path.write_bytes(b'{"id": "x", "question": "caf\xe9"}\n' + good + b"\n")

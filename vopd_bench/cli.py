@@ -51,6 +51,9 @@ def gap_report(
     crop_min_side: int = typer.Option(28, help="Smallest crop side in source pixels."),
     crop_zoom: float = typer.Option(2.0, help="Resize factor applied to the crop (the paper uses 2)."),
     data_dir: Path | None = typer.Option(None, help="Local copy of a hub dataset repository (same files and layout)."),
+    max_image_pixels: int = typer.Option(100_000_000, help="Largest image accepted, in pixels, read from its header "
+                                                           "before decoding; a larger one is a sample error. The "
+                                                           "default covers every supported benchmark."),
     base_url: str | None = typer.Option(None, help="openai backend: server URL, e.g. http://localhost:8000/v1."),
     model_name: str | None = typer.Option(None, help="openai backend: the model name the server knows [default: MODEL]."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the API key."),
@@ -73,9 +76,11 @@ def gap_report(
                                                        "evidence per layer band (focus_<view> rows; hf backend)."),
 ) -> None:
     """Ask every benchmark question under several views and report the regional-to-global perception gap."""
+    from vopd_bench.images import set_max_pixels
     from vopd_bench.runner import GapReportConfig, run_gap_report
     from vopd_bench.views import ViewConfig
 
+    set_max_pixels(max_image_pixels)
     backend_options: dict = {"threads": threads} if backend == "hf" and threads else {}
     if backend == "openai":
         if not base_url:
@@ -101,6 +106,7 @@ def gap_report(
     if not quiet:
         print_summary(result.summary)
         console.print(f"Report: {result.out_dir / 'report.md'}")
+    console.print(result.timings.one_line(), highlight=False, soft_wrap=True)  # also with -q: one line
 
 
 def print_summary(summary) -> None:

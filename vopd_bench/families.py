@@ -15,6 +15,9 @@ travel with their sequence. A family entry says only:
   it is not 0 (the processors' own convention: zero pixels, zero masks);
 - `extra_vision_tokens`: media tokens that the generic derivation (`vopd_bench.modeling.vision_token_ids`)
   cannot see from the config or from encoding one small image;
+- `pixel_budget`: the most pixels the family's image processor keeps of any image, read from the processor
+  (the hf backend then decodes large JPEGs of full-view-only samples at a reduced size that still covers it);
+  `None` = unknown, every image is decoded in full;
 - `note`: the family's quirk, in one line, for `vopd check` and the README.
 
 A model type that is not listed here goes through the same generic plain path (`GENERIC`).
@@ -43,6 +46,16 @@ def _idefics3_tile_tokens(tokenizer: Any) -> set[int]:
     return {i for t, i in tokenizer.get_added_vocab().items() if re.fullmatch(r"<row_\d+_col_\d+>", t)}
 
 
+def _qwen_pixel_budget(image_processor: Any) -> int | None:
+    """Qwen-VL processors resize every image to at most `max_pixels`, which transformers 5 keeps as the
+    `longest_edge` of their size dict (a pixel count there, not an edge)."""
+    size = getattr(image_processor, "size", None)
+    budget = getattr(image_processor, "max_pixels", None) or getattr(size, "max_pixels", None)
+    if budget is None:
+        budget = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
+    return int(budget) if budget else None
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -53,6 +66,7 @@ class Family:
     text_values: Mapping[str, int] = field(default_factory=dict)
     vision_pad: Mapping[str, float] = field(default_factory=dict)
     extra_vision_tokens: Callable[[Any], set[int]] | None = None
+    pixel_budget: Callable[[Any], int | None] | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -64,6 +78,7 @@ QWEN_VL = Family(
     "M-RoPE positions are recomputed from input_ids, image_grid_thw and mm_token_type_ids on every uncached forward; "
     "the vision tower runs once per prompt (Qwen3-VL: with its deepstack features)",
     vision_once=_qwen_image_features,
+    pixel_budget=_qwen_pixel_budget,
 )
 GEMMA = Family(
     "gemma", ("gemma3", "gemma4"),

@@ -294,7 +294,8 @@ def write_leaderboard(df: pd.DataFrame, out_csv: str | Path) -> dict[str, Path]:
     md = out_csv.with_suffix(".md")
     md.write_text(render_markdown(df), encoding="utf-8")
     written = {"csv": out_csv, "md": md}
-    png = plot_leaderboard(df, out_csv.with_suffix(".png"), published_models=CHART_PUBLISHED)
+    png = plot_leaderboard(df, out_csv.with_suffix(".png"), benchmarks_of(df[df["source"] == MEASURED]),
+                           published_models=CHART_PUBLISHED)
     if png is not None:
         written["png"] = png
     return written

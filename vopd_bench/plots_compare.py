@@ -63,17 +63,17 @@ def _chart_published(pub: pd.DataFrame, cells: list[str], models: Sequence[str])
     return pub.loc[keep]
 
 
-def plot_leaderboard(df: pd.DataFrame, path: str | Path,
+def plot_leaderboard(df: pd.DataFrame, path: str | Path, benchmarks: Sequence[str],
                      published_models: Sequence[str] = ()) -> Path | None:
     """Full-image accuracy and gap per benchmark, one bar per leaderboard row that has the value.
 
-    Only benchmarks with a measured value are drawn. Published rows are drawn only for `published_models`,
-    hatched (one hatch per paper table), in one colour per model, so the chart stays legible.
+    `benchmarks` are the leaderboard's benchmarks in column order (the leaderboard module knows its column
+    names; this one only draws). Only benchmarks with a measured value are drawn. Published rows are drawn only
+    for `published_models`, hatched (one hatch per paper table), in one colour per model, so the chart stays
+    legible.
     """
-    from vopd_bench.leaderboard import benchmarks_of
-
     measured = df[df["source"] == "measured"]
-    benches = [b for b in benchmarks_of(measured) if f"{b}:full" in measured and measured[f"{b}:full"].notna().any()]
+    benches = [b for b in benchmarks if f"{b}:full" in measured and measured[f"{b}:full"].notna().any()]
     if not benches:
         return None
     cells = [f"{b}:{k}" for b in benches for k in ("full", "gap")]

@@ -24,11 +24,14 @@ from vopd_bench import geometry, views
 from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
 from vopd_bench.backends.base import decoding_settings
 from vopd_bench.benchmarks.spec import BenchmarkSpec
+from vopd_bench.context import PromptLength
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.folder_lock import output_lock
 from vopd_bench.images import image_ref, load_image
 from vopd_bench.records import Record, record_key
 from vopd_bench.samples import BadSample, Sample
 from vopd_bench.store import RecordStore
+from vopd_bench.timings import RunTimings
 from vopd_bench.views import ViewConfig
 
 DEFAULT_BENCHMARKS = ("synthetic",)
@@ -65,7 +68,7 @@ class GapReportResult:
     out_dir: Path
     summary: Any  # pandas.DataFrame: benchmark, category, metric, value, ci_low, ci_high, n
     records: list[Record]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: RunTimings = field(default_factory=RunTimings)
 
 
 def model_slug(model: str) -> str:
@@ -125,23 +128,29 @@ def _base_record(p: _Planned, fingerprint: str) -> Record:
     return rec
 
 
-def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
-             fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
-    """Decode the image once and render every view of this sample that is still to do."""
+def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig, fingerprint: str,
+             view_pixels: int | None = None) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+    """Decode the image once and render every view of this sample that is still to do.
+
+    A sample asked only under the full view, whose model keeps at most `view_pixels` pixels of any image, may be
+    decoded at a reduced size that still covers them (JPEG's own DCT scaling): the model would resize it anyway.
+    Crops and boxes need the full resolution."""
     base = [(p, _base_record(p, fingerprint)) for p in todo]
+    need = view_pixels if view_pixels and all(p.view == "full" for p in todo) else None
     try:
-        image = load_image(sample.image)
-        boxes, n_clamped = views.clamp_boxes(sample.boxes, image.width, image.height)
+        image = load_image(sample.image, need_pixels=need)
+        width, height = image.info.get("original_size", image.size)  # boxes are in the file's own pixels
+        boxes, n_clamped = views.clamp_boxes(sample.boxes, width, height)
         crop = load_image(sample.crop_image) if sample.crop_image is not None and any(p.view == "crop" for p in todo) else None
     except SampleError as e:
         for p, rec in base:
             rec.error, rec.error_kind = str(e), "sample"
             yield p, rec, None
         return
-    area = geometry.relative_area(boxes, image.width, image.height) if boxes else None
+    area = geometry.relative_area(boxes, width, height) if boxes else None
     for p, rec in base:
         rec.boxes = [list(b) for b in boxes]
-        rec.boxes_clamped, rec.evidence_area, rec.image_size = n_clamped, area, [image.width, image.height]
+        rec.boxes_clamped, rec.evidence_area, rec.image_size = n_clamped, area, [width, height]
         if p.view in ("crop", "box") and not boxes and not (p.view == "crop" and crop is not None):
             rec.error, rec.error_kind = f"the {p.view} view needs evidence boxes", "sample"
             yield p, rec, None
@@ -150,8 +159,8 @@ def _prepare(sample: Sample, todo: list[_Planned], cfg: GapReportConfig,
         yield p, rec, rendered.image
 
 
-def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
-              fingerprint: str) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
+def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig, fingerprint: str,
+              view_pixels: int | None = None) -> Iterator[tuple[_Planned, Record, Image.Image | None]]:
     """Each sample's remaining views, rendered; None instead of an image for a per-sample error."""
     for views_of_sample in todo:
         sample = views_of_sample[0].sample
@@ -161,7 +170,19 @@ def _rendered(todo: list[list[_Planned]], cfg: GapReportConfig,
                 rec.error, rec.error_kind = sample.error, "sample"
                 yield p, rec, None
         else:
-            yield from _prepare(sample, views_of_sample, cfg, fingerprint)
+            yield from _prepare(sample, views_of_sample, cfg, fingerprint, view_pixels)
+
+
+def _within_context(lengths: PromptLength, p: _Planned, rec: Record, image: Image.Image,
+                    gen: GenerationConfig) -> Image.Image | None:
+    """The image, or None with the record's error set when the prompt does not fit the model's context. Run on
+    the main thread: the tokeniser is the backend's, and a fast tokeniser is not safe to share across threads."""
+    try:
+        lengths.check(p.prompt, [image.size], gen.max_new_tokens, **gen.chat_template_kwargs)
+    except SampleError as e:
+        rec.error, rec.error_kind = str(e), "sample"
+        return None
+    return image
 
 
 @dataclass
@@ -234,11 +255,10 @@ class _Batcher:
     are appended to the store as soon as the batch returns."""
 
     def __init__(self, backend: Backend, gen: GenerationConfig, store: RecordStore, progress: _Progress,
-                 batch_size: int, on_batch: Callable[[int], None] | None, judge: Any = None):
+                 batch_size: int, on_batch: Callable[[int], None] | None, timings: RunTimings, judge: Any = None):
         self.backend, self.gen, self.store, self.progress, self.judge = backend, gen, store, progress, judge
-        self.batch_size, self.on_batch = batch_size, on_batch
+        self.batch_size, self.on_batch, self.timings = batch_size, on_batch, timings
         self.queues: dict[tuple[str, str], list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
-        self.backend_seconds = 0.0
         self.n_batches = 0
         self.view_config = ViewConfig()  # how crops are cut (the selfcrop view's zoom, focus boxes in crops)
 
@@ -269,9 +289,10 @@ class _Batcher:
         if not batch:
             return
         responses = self.backend.generate([Request(p.key, img, p.prompt) for p, _, img in batch], self.gen)
-        self.backend_seconds += time.perf_counter() - b0
+        seconds = time.perf_counter() - b0
         if len(responses) != len(batch):
             raise VopdError(f"backend {self.backend.name} returned {len(responses)} answers for {len(batch)} requests")
+        self.timings.view(name[1]).add(seconds, [r.tokens for r in responses])
         for (p, rec, _), resp in zip(batch, responses, strict=True):
             rec.seconds = resp.seconds
             if resp.error is not None:
@@ -322,13 +343,22 @@ class _Batcher:
 
 def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
                    on_batch: Callable[[int], None] | None = None) -> GapReportResult:
-    """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model."""
+    """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model.
+
+    The output folder is locked for the whole run (`vopd_bench.folder_lock`): a second run on it is refused."""
     t0 = time.perf_counter()
     bad_views = [v for v in cfg.views if v not in views.ALL_VIEWS]
     if bad_views or not cfg.views:
         raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
+    with output_lock(cfg.out_dir()):
+        return _run_locked(cfg, backend, on_batch, t0)
+
+
+def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callable[[int], None] | None,
+                t0: float) -> GapReportResult:
+    timings = RunTimings()
     loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
     own_backend = backend is None
     if backend is None and (cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views)):
@@ -336,8 +366,10 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
 
         attention.require_backend(cfg.backend)  # before any server is contacted or model loaded
     if backend is None:
+        t_load = time.perf_counter()
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
                               batch_size=cfg.batch_size, **cfg.backend_options)
+        timings.model_load_seconds = time.perf_counter() - t_load
     if cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views):
         from vopd_bench import attention
 
@@ -366,7 +398,7 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     threading.Thread(target=_import_reporting, name="vopd-import", daemon=True).start()
     progress = _Progress(cfg.quiet)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
-    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, judge)
+    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, timings, judge)
     batcher.view_config = cfg.view_config
     todo: list[list[_Planned]] = []  # per sample, the views still to ask
     for lb in loaded:
@@ -379,8 +411,13 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
             if not store.done(p.key):
                 by_sample[p.sample.id].append(p)
         todo += by_sample.values()
+    lengths: PromptLength | None = getattr(backend, "prompt_length", None)
+    # --focus maps boxes into the view image, so it keeps every image at its full size
+    view_pixels = None if cfg.focus else getattr(backend, "view_pixels", None)
     try:
-        for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint), depth=2 * batch_size):
+        for p, rec, img in _prefetched(_rendered(todo, cfg, fingerprint, view_pixels), depth=2 * batch_size):
+            if img is not None and lengths is not None:
+                img = _within_context(lengths, p, rec, img, gen)
             if img is None:
                 batcher.record_now(p, rec)
             else:
@@ -399,10 +436,14 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
         store.append(todo)
         store.compact()
         judge.close()
-    t_run = time.perf_counter() - t0
-    summary = write_outputs(out_dir, cfg, loaded, records, fingerprint, gen,
-                            batch_splits=getattr(backend, "batch_splits", 0))
-    timings = {"wall_seconds": time.perf_counter() - t0, "run_seconds": t_run, "backend_seconds": batcher.backend_seconds}
+    timings.ask_seconds = time.perf_counter() - t0
+    info = run_info(cfg, loaded, fingerprint, gen)
+    info["batch_splits"] = getattr(backend, "batch_splits", 0)  # this invocation's batches retried one request at a time
+    summary = write_outputs(out_dir, cfg, loaded, records, info)
+    # run.json last: its timings cover the reports, and its presence marks a finished run.
+    timings.wall_seconds = time.perf_counter() - t0
+    info["timings"] = timings.as_dict()
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return GapReportResult(out_dir, summary, records, timings)
 
 
@@ -412,8 +453,8 @@ def _import_reporting() -> None:
     from vopd_bench import analysis, html_report, plots, report  # noqa: F401
 
 
-def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], fingerprint: str,
-                  gen: GenerationConfig, batch_splits: int = 0):
+def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: list[Record], info: dict):
+    """summary.csv, failures.jsonl and the reports (run.json is the caller's, written last)."""
     from vopd_bench import analysis, html_report, report
 
     extra = {lb.name: lb.spec.metrics for lb in loaded if lb.spec.metrics is not None}
@@ -432,9 +473,6 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
     with (out_dir / "failures.jsonl").open("w", encoding="utf-8") as f:
         for row in analysis.failures(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    info = run_info(cfg, loaded, fingerprint, gen)
-    info["batch_splits"] = batch_splits  # this invocation's batches retried one request at a time
-    (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     _, figures = report.write_report_with_figures(out_dir, summary, records, info)
     index = {(lb.name, s.id): s for lb in loaded for s in lb.samples if isinstance(s, Sample)}
     html_report.write_html_report(out_dir, summary, records, info, sample_lookup=lambda b, i: index.get((b, i)),

@@ -283,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(500, resp.error, "server_error")
         with self.lock:
             self.stats.answered += 1
-        self._send(200, json.dumps(completion_payload(self.model_name, resp.text)).encode())
+        self._send(200, json.dumps(completion_payload(self.model_name, resp.text, resp.tokens)).encode())
 
     def _fault(self, body: bytes) -> bool:
         """Inject this attempt's fault, if it draws one; True when the request was answered with it."""
@@ -345,12 +345,15 @@ def parse_chat_request(body: Any, model_name: str, decode: bool = True) -> tuple
     return Request(key="", image=image, prompt="".join(texts)), gen
 
 
-def completion_payload(model_name: str, text: str) -> dict[str, Any]:
-    return {
+def completion_payload(model_name: str, text: str, tokens: int | None = None) -> dict[str, Any]:
+    payload = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
         "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
     }
+    if tokens is not None:  # as OpenAI and vLLM report it; the client's throughput figures read it
+        payload["usage"] = {"completion_tokens": tokens}
+    return payload
 
 
 class SleepBackend:

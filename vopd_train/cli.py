@@ -39,7 +39,16 @@ HELP = (
 
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
-    """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}."""
+    """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}.
+    The output folder is locked for the whole run: a second run on it is refused."""
+    from vopd_bench.folder_lock import output_lock
+
+    with output_lock(cfg.validate().out):
+        return _run_distill(cfg, preset, engine=engine, show=show)
+
+
+def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: Any,
+                 show: Console | None) -> dict[str, Any]:
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 

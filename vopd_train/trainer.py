@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint
@@ -109,6 +110,7 @@ class Distiller:
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
                                            trust_remote_code=cfg.trust_remote_code)
+        self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -212,6 +214,7 @@ class Distiller:
             prompt = self.data.prompts[i]
             try:
                 r = prompt.render()
+                self.prompt_length.check(r.text, [r.student_image.size, r.teacher_image.size], self.cfg.max_new_tokens)
             except SampleError as e:
                 self.skipped[prompt.id] = str(e)
                 continue

@@ -50,6 +50,7 @@ class Response:
     text: str
     error: str | None = None  # set when the backend could not answer this request
     seconds: float = 0.0
+    tokens: int | None = None  # tokens generated, when the backend knows (throughput in run.json)
     attention: Any = None  # vopd_bench.attention.ImageAttention of the prompt, when the backend captures focus
 
 

@@ -7,8 +7,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from vopd_bench import context
 from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
 from vopd_bench.backends.base import GenerationConfig, Request, Response, decoding_settings
+from vopd_bench.families import family_of
 from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
 from vopd_bench.token_grid import token_grid
 
@@ -29,9 +31,14 @@ class HFBackend:
             torch.set_num_threads(threads)
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
+        self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
         self._fingerprint: str | None = None
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
+        family = family_of(self.model.config)
+        image_processor = getattr(self.processor, "image_processor", None)
+        # the most pixels the processor keeps of any image: larger JPEGs may be decoded at a reduced size
+        self.view_pixels = family.pixel_budget(image_processor) if family.pixel_budget and image_processor else None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -70,9 +77,12 @@ class HFBackend:
             with torch.inference_mode(), capture_last_row(self.model) as rows:
                 out = self.model.generate(**inputs, **kwargs)
             atts = image_attention(rows, grid.positions, grid.grids, [r.image.size for r in requests])
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        lengths = generated_lengths(new, self.model.generation_config.eos_token_id)
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(t.strip(), seconds=per, attention=a) for t, a in zip(texts, atts, strict=True)]
+        return [Response(t.strip(), seconds=per, tokens=n, attention=a)
+                for t, n, a in zip(texts, lengths, atts, strict=True)]
 
     def prefill_attention(self, requests: Sequence[Request], gen: GenerationConfig) -> list[ImageAttention | str]:
         """One prefill-only pass per batch (no generation): each request's attention on its image, or the
@@ -108,6 +118,20 @@ def hf_generate_kwargs(settings: dict) -> dict:
                     temperature=None, top_p=None, top_k=None)
     return dict(max_new_tokens=settings["max_new_tokens"], do_sample=True, temperature=settings["temperature"],
                 top_p=settings["top_p"], top_k=0, repetition_penalty=settings["repetition_penalty"])
+
+
+def generated_lengths(new_tokens, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens each row generated: up to and including its first end-of-sequence token (rows that finish early
+    are padded to the batch's length)."""
+    import torch
+
+    width = new_tokens.shape[1]
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if not eos or width == 0:
+        return [width] * new_tokens.shape[0]
+    is_eos = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], width, dtype=torch.long))
+    return first.tolist()
 
 
 def model_fingerprint(path: str, model=None) -> str:

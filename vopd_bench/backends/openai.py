@@ -55,6 +55,7 @@ class ChatResult:
     text: str | None  # None when the request failed
     error: str | None = None
     attempts: int = 1
+    tokens: int | None = None  # usage.completion_tokens, when the server reports it
 
 
 class _Malformed(Exception):
@@ -123,6 +124,15 @@ def completion_text(payload: bytes) -> str:
     if not isinstance(content, str):
         raise _Malformed(f"message content is a {type(content).__name__}")
     return content.strip()
+
+
+def completion_tokens(payload: bytes) -> int | None:
+    """`usage.completion_tokens` of a chat-completion body, or None when the server does not report it."""
+    try:
+        n = json.loads(payload)["usage"]["completion_tokens"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and n >= 0 else None
 
 
 def _snippet(payload: bytes | str, n: int = 160) -> str:
@@ -272,7 +282,7 @@ class ChatClient:
             else:
                 if status == 200:
                     try:
-                        return ChatResult(completion_text(data), attempts=attempt + 1)
+                        return ChatResult(completion_text(data), attempts=attempt + 1, tokens=completion_tokens(data))
                     except _Malformed as e:
                         last = f"malformed response: {e}"
                 else:
@@ -378,8 +388,11 @@ class OpenAIBackend:
         return self.client.base_url
 
     def fingerprint(self) -> str:
-        """The server and model name, plus the weights the server says it loaded (`root`, as vLLM reports it)."""
-        fp = f"openai:{self.base_url}:{self.model_name}"
+        """The served model: its name plus the weights the server says it loaded (`root`, as vLLM reports it).
+        Not the URL: a server restarted on another port or host serves the same answers, so its records resume;
+        another model under the same name has another `root` and never does. A server that lists no models
+        leaves only the name."""
+        fp = f"openai:{self.model_name}"
         root = self.server_model.get("root")
         if isinstance(root, str) and root and root != self.model_name:
             fp += f":{root}"
@@ -393,8 +406,8 @@ class OpenAIBackend:
         results = self.client.complete(bodies)
         # Like the hf backend: each request is attributed an equal share of the batch's wall time.
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(res.text, seconds=per) if res.error is None else Response("", error=res.error, seconds=per)
-                for res in results]
+        return [Response(res.text, seconds=per, tokens=res.tokens) if res.error is None
+                else Response("", error=res.error, seconds=per) for res in results]
 
     def close(self) -> None:
         self.client.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vopd_bench.backends.base import GenerationConfig, Request, Response, decoding_settings
+from vopd_bench.context import for_vllm
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import first_line, resolve_model_path, say_once
 
@@ -64,6 +65,7 @@ class VLLMBackend:
         if mm_processor_kwargs:
             self.engine_args["mm_processor_kwargs"] = dict(mm_processor_kwargs)
         self.llm = engine if engine is not None else _start_engine(self.engine_args)
+        self.prompt_length = for_vllm(self.llm, self.path, trust_remote_code=trust_remote_code)  # runner checks
         self._fingerprint: str | None = None
         self.batch_splits = 0  # calls that failed and were retried request by request (run.json counts them)
 
@@ -105,12 +107,17 @@ class VLLMBackend:
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts")
         per = (time.perf_counter() - start) / len(requests)
-        return [Response(out.outputs[0].text.strip(), seconds=per) for out in outputs]
+        return [Response(out.outputs[0].text.strip(), seconds=per, tokens=_n_tokens(out.outputs[0])) for out in outputs]
 
     def close(self) -> None:
         # Dropping the engine shuts down its worker processes and frees the GPU memory for what runs next.
         self.llm = None
         gc.collect()
+
+
+def _n_tokens(completion: Any) -> int | None:
+    ids = getattr(completion, "token_ids", None)
+    return len(ids) if ids is not None else None
 
 
 def conversation(request: Request) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         raise VopdError(f"{path}: file not found")
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path)
+    if path.stat().st_size == 0:
+        raise VopdError(f"{path}: the file is empty")
     try:
         if kind == "json":
             df = pd.read_json(path, dtype=False)
@@ -36,13 +38,21 @@ def read_table(path: Path) -> list[dict[str, Any]]:
             df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
         else:
             df = pd.read_parquet(path)
-    except ValueError as e:
-        raise VopdError(f"{path}: cannot read as {kind}: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError) as e:  # pandas' and pyarrow's parse errors are ValueErrors or OSErrors
+        raise VopdError(f"{path}: cannot read as {kind}: {_first_line(e)}") from None
     return df.to_dict(orient="records")
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Line by line, so one malformed line becomes one recorded bad sample instead of a failed run."""
+    """Line by line, so one malformed line becomes one recorded bad sample instead of a failed run. A file that
+    is one JSON array of objects (a common slip: `.jsonl` holding `.json`) is read as its rows."""
+    array = _json_array_rows(path) if _starts_with_bracket(path) else None
+    if array is not None:
+        return array
     rows: list[dict[str, Any]] = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -56,7 +66,30 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except ValueError as e:
                 row = {"id": f"line{n}", ROW_ERROR: f"line {n} is not a valid JSON object: {e}"}
             rows.append(row)
+    if not rows:
+        raise VopdError(f"{path}: holds only blank lines" if path.stat().st_size else f"{path}: the file is empty")
     return rows
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _json_array_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a file that is one JSON array, or None when the file is not one (then it is read as lines)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    if not data:
+        raise VopdError(f"{path}: holds an empty JSON array")
+    return [row if isinstance(row, dict) else
+            {"id": f"item{i}", ROW_ERROR: f"item {i} of the JSON array is not a JSON object"}
+            for i, row in enumerate(data)]
 
 
 @register("local")

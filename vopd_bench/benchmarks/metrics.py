@@ -14,8 +14,11 @@ A record counts when it has no error; a parse failure is wrong. Metric names end
 - CV-Bench: `acc_official_<view>` = ½·((ADE20K + COCO)/2 + Omni3D), `acc_2d3d_<view>` = (2D + 3D)/2 (the
   paper's), and the parts `acc_source_<view>`, `acc_type_<view>`.
 - MMStar: `acc_l2_mean_<view>`, the mean over l2 categories, overall and per core category.
-- POPE: `precision_<view>`, `recall_<view>`, `f1_<view>`, `yes_ratio_<view>` (of the predictions; an
-  unparsed answer counts as not "yes"), overall and per category.
+- POPE: `precision_<view>`, `recall_<view>`, `f1_<view>`, overall and per category, and two yes-ratios under
+  distinct names: `yes_ratio_pred_<view>`, the share of "yes" predictions (the original POPE's "yes ratio"), and
+  `yes_ratio_gt_<view>`, the share of "yes" ground truths (what lmms-eval and the Vision-OPD script report under
+  that name). With `pope`, an unparsed answer counts as not "yes" (and wrong); `pope@original` reads every
+  answer as the original POPE script does, so nothing is unparsed (see `hub/pope.py`).
 
 Intervals: Wilson for proportions; a seeded parametric bootstrap for means of group accuracies and for F1.
 `headline_average` adds the paper's Table 1 average to a finished summary.
@@ -185,7 +188,7 @@ def _f1(cells: np.ndarray) -> np.ndarray:
 
 
 def pope_scores(gt_yes: np.ndarray, pred_yes: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, stats.Estimate]:
-    """Precision, recall, F1 and yes-ratio of the predictions."""
+    """Precision, recall, F1, and the yes-ratios of the predictions and of the ground truth."""
     cells = pope_counts(gt_yes, pred_yes)
     tp, fp, fn, _tn = (int(c) for c in cells)
     n = int(cells.sum())
@@ -200,7 +203,7 @@ def pope_scores(gt_yes: np.ndarray, pred_yes: np.ndarray, n_boot: int = N_BOOT, 
     else:
         lo = hi = stats.NAN
     return {"precision": prop(tp, tp + fp), "recall": prop(tp, tp + fn), "f1": stats.Estimate(f1, lo, hi, n),
-            "yes_ratio": prop(tp + fp, n)}
+            "yes_ratio_pred": prop(tp + fp, n), "yes_ratio_gt": prop(tp + fn, n)}
 
 
 def pope_metrics(df: pd.DataFrame) -> list[dict]:

@@ -12,6 +12,7 @@ so one DIR can serve a run over several benchmarks.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ from PIL import Image
 from vopd_bench.benchmarks import register
 from vopd_bench.benchmarks.spec import ROW_ERROR, BenchmarkSpec, LoadContext
 from vopd_bench.errors import SampleError, VopdError
-from vopd_bench.images import load_image
+from vopd_bench.images import LazySource, load_image
 from vopd_bench.samples import LETTERS
 
 DEFAULT_VARIANT = "paper"
@@ -164,61 +165,115 @@ def require_columns(path: Path, have: Iterable[str], need: Iterable[str]) -> Non
         raise VopdError(f"{path} lacks column(s) {', '.join(missing)}: is it the right dataset file?")
 
 
-class LazyCell:
-    """One image cell of a parquet file, read and decoded only when the image is needed: benchmark parquets
-    hold gigabytes of images, and a run needs one at a time."""
+def require_any(path: Path, have: Iterable[str], one_of: Sequence[str]) -> None:
+    if not set(one_of) & set(have):
+        raise VopdError(f"{path} has none of the column(s) {', '.join(one_of)}: is it the right dataset file?")
 
-    __slots__ = ("_file", "_group", "_row", "_column")
 
-    def __init__(self, file: ParquetImages, group: int, row: int, column: str) -> None:
-        self._file, self._group, self._row, self._column = file, group, row, column
+class LazyCell(LazySource):
+    """One image cell of a parquet file, read only when the image is decoded: benchmark parquets hold gigabytes
+    of images, and a run needs one at a time."""
+
+    __slots__ = ("_file", "_index", "_column")
+
+    def __init__(self, file: ParquetImages, index: int, column: str) -> None:
+        self._file, self._index, self._column = file, index, column
+
+    def raw(self) -> Any:
+        return self._file.cell(self._index, self._column)
 
     def __call__(self) -> Image.Image:
-        return load_image(self._file.cell(self._group, self._row, self._column))
+        return load_image(self)
 
     def __repr__(self) -> str:
-        return f"<{self._column} of row group {self._group} row {self._row} in {self._file.path.name}>"
+        return f"<{self._column} of row {self._index} in {self._file.path.name}>"
+
+
+STREAM_BUFFER = 1 << 20  # bytes read at a time from a column chunk
 
 
 class ParquetImages:
-    """Random access to the image cells of one parquet file, a row group at a time. Samples are rendered in
-    file order, so keeping the last row group read of each image column reads each group once."""
+    """The image cells of one parquet file, streamed a row at a time. A file may hold all its rows in one row
+    group (HR-Bench 8K: 2.8 GB of images), so neither a row group nor a column chunk is ever read whole: a
+    buffered stream over each image column yields one row per batch. Samples are rendered in file order, so
+    each column keeps one cursor moving forward; asking for an earlier row restarts its stream.
+
+    Streaming goes page by page, and every Parquet reader reads and decompresses a data page whole. A file
+    written with a few huge pages (pyarrow's writer checks the page size only every 1,024 values) costs about
+    twice its largest page at once: see benchmarks/parquet_memory.py --one-page."""
 
     def __init__(self, path: Path) -> None:
         import pyarrow.parquet as pq
 
         self.path = path
         try:
-            self.file = pq.ParquetFile(path)
+            # buffer_size > 0 and no pre-buffering: column chunks are read piecewise, not loaded whole.
+            self.file = pq.ParquetFile(path, buffer_size=STREAM_BUFFER, pre_buffer=False)
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
             raise VopdError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        self._cached: dict[str, tuple[int, Any]] = {}  # column -> (row group, its cells)
+        meta = self.file.metadata
+        self._starts = [0]  # first row index of each row group
+        for g in range(meta.num_row_groups):
+            self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
+        self._cursors: dict[str, _Cursor] = {}
         self._lock = threading.Lock()
 
     @property
     def columns(self) -> list[str]:
         return self.file.schema_arrow.names
 
-    def cell(self, group: int, row: int, column: str) -> Any:
+    def cell(self, index: int, column: str) -> Any:
         with self._lock:
-            if column not in self._cached or self._cached[column][0] != group:
-                self._cached[column] = (group, self.file.read_row_group(group, columns=[column]).column(0))
-            return self._cached[column][1][row].as_py()
+            cur = self._cursors.get(column)
+            if cur is None or index < cur.next_index:
+                cur = self._cursors[column] = _Cursor(self, column, self._group_of(index))
+            return cur.value_at(index)
+
+    def stream(self, column: str, first_group: int = 0, batch_size: int = 1) -> Iterator[Any]:
+        groups = list(range(first_group, self.file.metadata.num_row_groups))
+        return self.file.iter_batches(batch_size=batch_size, row_groups=groups, columns=[column], use_threads=False)
+
+    def _group_of(self, index: int) -> int:
+        return max(0, bisect.bisect_right(self._starts, index) - 1)
 
     def rows(self, lazy: Sequence[str], nullable: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
-        """Every row with the `lazy` columns as LazyCells. A `nullable` lazy column is read once per group to
-        tell missing cells (None) from present ones."""
+        """Every row with the `lazy` columns as LazyCells. A `nullable` lazy column is streamed once ahead (a
+        batch of cells at a time) to tell missing cells (None) from present ones."""
         lazy = [c for c in lazy if c in self.columns]
         small = [c for c in self.columns if c not in lazy]
+        present = {c: self._present(c) for c in nullable if c in lazy}
+        index = 0
         for g in range(self.file.num_row_groups):
             meta = self.file.read_row_group(g, columns=small).to_pylist() if small else None
-            n = self.file.metadata.row_group(g).num_rows
-            present = {c: _present(self.file.read_row_group(g, columns=[c]).column(0)) for c in nullable if c in lazy}
-            for r in range(n):
+            for r in range(self.file.metadata.row_group(g).num_rows):
                 row = meta[r] if meta is not None else {}
                 for c in lazy:
-                    row[c] = LazyCell(self, g, r, c) if present.get(c, None) is None or present[c][r] else None
+                    row[c] = LazyCell(self, index, c) if c not in present or present[c][index] else None
                 yield row
+                index += 1
+
+    def _present(self, column: str) -> list[bool]:
+        out: list[bool] = []
+        for batch in self.stream(column, batch_size=16):
+            out += _present(batch.column(0))
+        return out
+
+
+class _Cursor:
+    """A forward-only stream over one column, positioned at row `next_index`."""
+
+    def __init__(self, file: ParquetImages, column: str, group: int) -> None:
+        self._batches = file.stream(column, group)
+        self.next_index = file._starts[group]
+
+    def value_at(self, index: int) -> Any:
+        while True:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise SampleError(f"row {index} is past the end of the file")
+            first, self.next_index = self.next_index, self.next_index + batch.num_rows
+            if index < self.next_index:
+                return batch.column(0)[index - first].as_py()
 
 
 def _present(col: Any) -> list[bool]:

@@ -49,11 +49,12 @@ VERSIONS = {
     "mme-realworld-lite": ("yifanzhang114/MME-RealWorld-lite-lmms-eval", EN_PROMPTS),
 }
 OPTIONS = "multi-choice options"
-_LABELLED = re.compile(r"^\(([A-Z])\)\s?(.*)$", re.DOTALL)
+# Some CN rows label options with full-width brackets, "（A）"; lmms-eval reads them as "(A)", and so do we.
+_LABELLED = re.compile(r"^[(（]\s*([A-Z])\s*[)）]\s?(.*)$", re.DOTALL)
 
 
 def parse_labelled_options(raw: Any) -> tuple[str, ...]:
-    """["(A) 13", "(B) 14"] -> ("13", "14"); the labels must run A, B, …"""
+    """["(A) 13", "（B）14"] -> ("13", "14"); the labels must run A, B, … (half- or full-width brackets)."""
     if hasattr(raw, "tolist"):
         raw = raw.tolist()
     if not isinstance(raw, (list, tuple)) or not raw:

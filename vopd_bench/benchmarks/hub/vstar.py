@@ -4,8 +4,9 @@ Layout: `test_questions.jsonl` (image, text, label, category, question_id) and, 
 of the same stem holding the evidence: `{"target_object": [...], "bbox": [[x, y, w, h], ...], ...}`, one box per
 target object (two for relative_position). Boxes are xywh pixels of the original image.
 
-A question whose annotation is missing or lists no box is a bad sample with that reason: V* is an evidence
-benchmark and the gap needs the box.
+A question whose annotation lists no box (or has no annotation file) keeps its full view and is counted in
+`n_no_evidence`: `acc_full` must count every question to stay comparable with published full-image accuracy.
+An annotation file that exists but is not valid JSON, or a box that is malformed, is a bad sample.
 """
 
 from __future__ import annotations
@@ -52,13 +53,12 @@ def _adapt(root: Path, row: dict[str, Any]) -> dict[str, Any]:
     try:
         ann = json.loads(ann_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SampleError(f"no annotation file {rel.rsplit('.', 1)[0]}.json next to the image") from None
+        ann = {}
     except (OSError, ValueError) as e:
         raise SampleError(f"annotation {ann_path.name} is not valid JSON: {e}") from None
-    bbox = ann.get("bbox") if isinstance(ann, dict) else None
-    if not bbox:
-        raise SampleError(f"annotation {ann_path.name} lists no evidence box")
-    return {**row, "image": str(image), "question": question, "options": options, "bbox": bbox}
+    if not isinstance(ann, dict):
+        raise SampleError(f"annotation {ann_path.name} is not a JSON object")
+    return {**row, "image": str(image), "question": question, "options": options, "bbox": ann.get("bbox") or None}
 
 
 def _build(name: str, prompt: Prompt, arg: str | None) -> BenchmarkSpec:
