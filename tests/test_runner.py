@@ -68,6 +68,8 @@ def test_cli_end_to_end_with_limit(tiny_model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model_fingerprint"].startswith("sha256:") and run["seed"] == 0
     assert run["config"]["limit"] == 6 and "torch" in run["versions"]
+    assert run["decoding"] == {"greedy": True, "temperature": 0.0, "top_p": 1.0, "top_k": None,
+                               "repetition_penalty": 1.0, "max_new_tokens": 3, "seed": 0}  # the model's defaults off
     assert "synthetic" in res.stdout and "Regional-to-global" in res.stdout
 
 

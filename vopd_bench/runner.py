@@ -23,6 +23,7 @@ from PIL import Image
 from vopd_bench import benchmarks as bench_registry
 from vopd_bench import distributed, geometry, views
 from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
+from vopd_bench.backends.base import decoding_settings
 from vopd_bench.benchmarks.spec import BenchmarkSpec
 from vopd_bench.context import PromptLength
 from vopd_bench.errors import SampleError, VopdError
@@ -559,6 +560,7 @@ def run_info(cfg: GapReportConfig, loaded: list, fingerprint: str, gen: Generati
         "config": config,
         "seed": cfg.seed,
         "generation": gen.as_dict(),
+        "decoding": decoding_settings(gen),  # what every backend applies; the model's sampling defaults do not
         "model": cfg.model,
         "model_fingerprint": fingerprint,
         "benchmarks": {lb.name: {"source": lb.spec.source, "n_samples": len(lb.samples)} for lb in loaded},
