@@ -1,9 +1,28 @@
 import os
 
 import pytest
+from isolation import preserved_global_state
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated():
+    """Every test starts from the state the previous one found: `build_tiny_vlm`, `Distiller` and `HFBackend` seed
+    the global RNG, the trainer sets torch's thread count, fixtures set environment variables."""
+    with preserved_global_state():
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A module- or session-scoped fixture is set up before any test's own `_isolated` saves the state, so its
+    changes (a model built with a seed, a backend that sets threads) would outlive it: undo them here too."""
+    if fixturedef.scope == "function":
+        return (yield)
+    with preserved_global_state():
+        return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +38,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def one_thread():
     """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times
-    slower than one. The trainer sets its own count (`threads`); this restores the session's afterwards."""
+    slower than one. The trainer sets its own count (`threads`); the autouse fixture restores the session's."""
     import torch
 
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -274,3 +274,15 @@ def test_failures_are_exactly_the_recoverable_cases():
     records.append(rec("s11", "crop", True))
     assert "s11" in [f["sample_id"] for f in analysis.failures(records)]
     assert analysis.failures([]) == []
+
+
+def test_both_right_are_the_cases_read_on_both_views():
+    records = hand_set()
+    # s9 was asked the full view only (no box): right on full, but with no crop it is no both-right case
+    assert [f["sample_id"] for f in analysis.both_right(records)] == ["s1", "s7"]
+    records.append(rec("s12", "full", True, pf=True, response="maybe A"))  # a parse failure is never right
+    records.append(rec("s12", "crop", True))
+    out = analysis.both_right(records)
+    assert [f["sample_id"] for f in out] == ["s1", "s7"]
+    assert set(out[0]) == set(analysis.failures(records)[0])  # the same record form as failures.jsonl
+    assert (out[0]["full_response"], out[0]["crop_response"]) == ("A", "A")

@@ -1,10 +1,10 @@
-"""The `vllm` backend through a fake `vllm` module that honours the calls it makes (`LLM(...)`, `LLM.chat`,
-`SamplingParams`). Real vLLM needs a GPU; these tests pin down what the backend asks of it."""
+"""The `vllm` backend through tests/fake_vllm.py, which follows vLLM 0.33.0's API (test_vllm_conformance.py checks
+it against the real package). Real generation needs a GPU; these tests pin down what the backend asks of vLLM."""
 
 import sys
 import types
-from dataclasses import dataclass, field
 
+import fake_vllm
 import pytest
 from PIL import Image
 
@@ -14,56 +14,29 @@ from vopd_bench.backends.vllm import VLLMBackend
 from vopd_bench.errors import VopdError
 
 
-@dataclass
-class FakeSamplingParams:
-    temperature: float = 1.0
-    max_tokens: int | None = 16
-    seed: int | None = None
+class ChatLLM(fake_vllm.LLM):
+    """Answers each conversation with its prompt reversed and the image width; a prompt containing "too long" is
+    rejected as vLLM 0.33 rejects one past max_model_len (VLLMValidationError, not a ValueError)."""
 
-
-@dataclass
-class FakeCompletion:
-    text: str
-
-
-@dataclass
-class FakeRequestOutput:
-    outputs: list[FakeCompletion]
-
-
-@dataclass
-class FakeLLM:
-    """Records its construction and every chat call; answers each conversation with its prompt reversed and the
-    image width, or raises for prompts containing "too long" (as vLLM does past max_model_len)."""
-
-    kwargs: dict = field(default_factory=dict)
-    calls: list = field(default_factory=list)
-
-    def chat(self, messages, sampling_params=None, use_tqdm=True, chat_template_kwargs=None, **kw):
-        self.calls.append({"messages": messages, "sampling_params": sampling_params, "use_tqdm": use_tqdm,
-                           "chat_template_kwargs": chat_template_kwargs, **kw})
-        outs = []
-        for conv in messages:
-            image, text = conv[0]["content"]
-            if "too long" in text["text"]:
-                raise ValueError("The decoder prompt (length 9000) is longer than the maximum model length of 4096.\nmore")
-            outs.append(FakeRequestOutput([FakeCompletion(f" {text['text'][::-1]}|{image['image_pil'].width}\n")]))
-        return outs
+    def answer_chat(self, conversation, params):
+        image, text = conversation[0]["content"]
+        if "too long" in text["text"]:
+            raise fake_vllm.VLLMValidationError("The decoder prompt (length 9000) is longer than the maximum model "
+                                                "length of 4096.\nmore")
+        done = fake_vllm.completion([5, 6], text=f" {text['text'][::-1]}|{image['image_pil'].width}\n")
+        return fake_vllm.RequestOutput("0", None, None, None, [done])
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_engines(monkeypatch):
     engines = []
 
-    def make_llm(**kwargs):
-        llm = FakeLLM(kwargs=kwargs)
+    def make_llm(*args, **kwargs):
+        llm = ChatLLM(*args, **kwargs)
         engines.append(llm)
         return llm
 
-    module = types.ModuleType("vllm")
-    module.LLM = make_llm
-    module.SamplingParams = FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    fake_vllm.install(monkeypatch, make_llm)
     return engines
 
 
@@ -78,74 +51,86 @@ def model_dir(tmp_path):
     return tmp_path
 
 
-def test_engine_arguments(fake_vllm, model_dir):
+def test_engine_arguments(fake_engines, model_dir):
     VLLMBackend(str(model_dir), tensor_parallel_size=4, max_model_len=8192, seed=3,
                 gpu_memory_utilization=0.8, dtype="bfloat16")
-    [llm] = fake_vllm
+    [llm] = fake_engines
     assert llm.kwargs == {"model": str(model_dir), "tensor_parallel_size": 4, "max_model_len": 8192, "seed": 3,
                           "gpu_memory_utilization": 0.8, "dtype": "bfloat16", "trust_remote_code": False,
-                          "limit_mm_per_prompt": {"image": 1}, "enforce_eager": False}
+                          "limit_mm_per_prompt": {"image": 1}, "enforce_eager": False, "generation_config": "vllm"}
 
 
-def test_defaults_and_remote_code_only_when_asked(fake_vllm):
+def test_defaults_and_remote_code_only_when_asked(fake_engines):
     VLLMBackend("org/model")
     VLLMBackend("org/model", trust_remote_code=True, mm_processor_kwargs={"max_pixels": 1003520})
-    plain, remote = fake_vllm
+    plain, remote = fake_engines
     assert plain.kwargs["tensor_parallel_size"] == 1 and "max_model_len" not in plain.kwargs
     assert plain.kwargs["trust_remote_code"] is False and plain.kwargs["dtype"] == "auto"
     assert remote.kwargs["trust_remote_code"] is True and remote.kwargs["mm_processor_kwargs"] == {"max_pixels": 1003520}
 
 
-def test_messages_sampling_params_and_template_kwargs(fake_vllm):
+def test_messages_sampling_params_and_template_kwargs(fake_engines):
     backend = VLLMBackend("org/model")
     reqs = [_req(0, "what colour?"), _req(1, "which shape?")]
     gen = GenerationConfig(max_new_tokens=12, seed=7, chat_template_kwargs={"enable_thinking": False})
     out = backend.generate(reqs, gen)
-    [call] = fake_vllm[0].calls  # one batched call for the whole batch
+    [call] = fake_engines[0].calls  # one batched call for the whole batch
     assert [r.text for r in out] == ["?ruoloc tahw|20", "?epahs hcihw|21"] and all(r.error is None for r in out)
     [conv0, conv1] = call["messages"]
     assert conv0 == [{"role": "user", "content": [{"type": "image_pil", "image_pil": reqs[0].image},
                                                   {"type": "text", "text": "what colour?"}]}]
     assert conv1[0]["content"][0]["image_pil"] is reqs[1].image
-    assert call["sampling_params"] == FakeSamplingParams(temperature=0.0, max_tokens=12, seed=7)
+    assert call["sampling_params"] == fake_vllm.SamplingParams(temperature=0.0, max_tokens=12, seed=7)
     assert call["chat_template_kwargs"] == {"enable_thinking": False} and call["use_tqdm"] is False
 
 
-def test_no_template_kwargs_sends_none(fake_vllm):
+def test_no_template_kwargs_sends_none(fake_engines):
     backend = VLLMBackend("org/model")
     backend.generate([_req(0)], GenerationConfig(temperature=0.7, seed=1))
-    [call] = fake_vllm[0].calls
+    [call] = fake_engines[0].calls
     assert call["chat_template_kwargs"] is None
-    assert call["sampling_params"] == FakeSamplingParams(temperature=0.7, max_tokens=64, seed=1)
+    assert call["sampling_params"] == fake_vllm.SamplingParams(temperature=0.7, max_tokens=64, seed=1)
 
 
-def test_a_failing_prompt_is_isolated(fake_vllm):
+def test_a_failing_prompt_is_isolated(fake_engines):
     backend = VLLMBackend("org/model")
     out = backend.generate([_req(0, "fine"), _req(1, "way too long"), _req(2, "ok")], GenerationConfig())
     assert [r.text for r in out] == ["enif|20", "", "ko|22"]
-    assert out[1].error == "ValueError: The decoder prompt (length 9000) is longer than the maximum model length of 4096."
-    assert len(fake_vllm[0].calls) == 4  # the batch, then each prompt alone
+    assert out[1].error == "VLLMValidationError: The decoder prompt (length 9000) is longer than the maximum model length of 4096."
+    assert len(fake_engines[0].calls) == 4  # the batch, then each prompt alone
 
 
-def test_injected_engine_is_used_as_is(fake_vllm):
-    engine = FakeLLM()
+def test_injected_engine_is_used_as_is(fake_engines):
+    engine = ChatLLM("org/model")
     backend = VLLMBackend("org/model", engine=engine)
-    assert fake_vllm == [] and backend.llm is engine
+    assert fake_engines == [] and backend.llm is engine
     assert backend.generate([_req(3, "ab")], GenerationConfig())[0].text == "ba|23"
 
 
-def test_registry_and_wide_batches(fake_vllm):
+def test_registry_and_wide_batches(fake_engines):
     backend = get_backend("vllm", "org/model", trust_remote_code=False, batch_size=16, tensor_parallel_size=2)
     assert backend.name == "vllm" and backend.preferred_batch_size >= 256
-    assert fake_vllm[0].kwargs["tensor_parallel_size"] == 2
+    assert fake_engines[0].kwargs["tensor_parallel_size"] == 2
 
 
-def test_fingerprint_hashes_local_weights_and_names_vllm(fake_vllm, model_dir):
-    from vopd_bench.backends.hf import model_fingerprint
+def _folder_hash(folder) -> str:
+    """The documented fingerprint of a local folder, computed here by hand: sha256 over each model file's name,
+    size and bytes, in name order, first 16 hex digits."""
+    import hashlib
 
+    h = hashlib.sha256()
+    for name, data in (("config.json", b'{"model_type": "qwen2_vl"}'), ("model.safetensors", b"weights v1")):
+        assert (folder / name).read_bytes() == data
+        h.update(name.encode() + str(len(data)).encode() + data)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def test_fingerprint_hashes_local_weights_and_names_vllm(fake_engines, model_dir):
     first = VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint()
-    assert first == f"vllm:{model_fingerprint(str(model_dir))}:bfloat16"
-    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{model_fingerprint(str(model_dir))}:auto"
+    assert first == f"vllm:{_folder_hash(model_dir)}:bfloat16"
+    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{_folder_hash(model_dir)}:auto"
+    (model_dir / "notes.md").write_text("not part of the model")  # only model files count
+    assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() == first
     (model_dir / "model.safetensors").write_bytes(b"weights v2")
     assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() != first  # new weights, new records
     assert VLLMBackend("no-such-org/no-such-model").fingerprint() == "vllm:hub:no-such-org/no-such-model@unknown:auto"
@@ -153,7 +138,7 @@ def test_fingerprint_hashes_local_weights_and_names_vllm(fake_vllm, model_dir):
 
 def test_bad_arguments_and_missing_vllm(monkeypatch):
     with pytest.raises(VopdError, match="tensor-parallel-size"):
-        VLLMBackend("org/model", tensor_parallel_size=0, engine=FakeLLM())
+        VLLMBackend("org/model", tensor_parallel_size=0, engine=ChatLLM("org/model"))
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(VopdError, match=r"pip install 'vopd\[vllm\]'"):
         VLLMBackend("org/model")
@@ -165,8 +150,24 @@ def test_engine_start_failure_is_one_line(monkeypatch):
     def broken(**kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20 GiB\ntraceback lines")
 
-    module.LLM, module.SamplingParams = broken, FakeSamplingParams
+    module.LLM, module.SamplingParams = broken, fake_vllm.SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     with pytest.raises(VopdError) as e:
         VLLMBackend("org/model")
     assert str(e.value) == "vLLM could not load 'org/model': RuntimeError: CUDA out of memory. Tried to allocate 20 GiB"
+
+
+def test_validation_error_is_not_a_value_error_and_still_per_sample(fake_engines):
+    """vLLM 0.33's VLLMValidationError derives from Exception, not ValueError: it must still stay per-sample."""
+    assert not issubclass(fake_vllm.VLLMValidationError, ValueError)
+    out = VLLMBackend("org/model").generate([_req(0, "too long")], GenerationConfig())
+    assert out[0].text == "" and out[0].error.startswith("VLLMValidationError: The decoder prompt (length 9000)")
+
+
+@pytest.mark.parametrize("temperature", [2.5, 0.005])
+def test_temperature_vllm_would_reject_or_change_is_refused_up_front(fake_engines, temperature):
+    backend = VLLMBackend("org/model")
+    with pytest.raises(VopdError, match=rf"temperature {temperature} is outside what vLLM samples at"):
+        backend.generate([_req(0)], GenerationConfig(temperature=temperature))
+    assert fake_engines[0].calls == []  # refused before vLLM saw a request
+    backend.generate([_req(0)], GenerationConfig(temperature=2.0))  # the limit itself is fine

@@ -132,10 +132,39 @@ def test_same_run_compares_to_zero(runs):
     assert analysis.records_frame(recs).query("sample_id == 's005' and view == 'crop'")["right"].item() is False
 
 
-def test_training_curves_plot(tmp_path):
-    history = [{"step": s, "loss": 1.0 / (1 + s), "lr": 1e-5 * min(1, s / 10)} for s in range(60)]
-    history += [{"step": s, "gap": 0.3 - s / 400} for s in (0, 20, 40, 59)]  # a sparse evaluation
+def test_training_curves_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved: list[Figure] = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kw):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    steps = list(range(60))
+    history = [{"step": s, "loss": 1.0 / (1 + s), "lr": 1e-5 * min(1, s / 10)} for s in steps]
+    evals = (0, 20, 40, 59)
+    history += [{"step": s, "gap": 0.3 - s / 400} for s in evals]  # a sparse evaluation
     path = plot_training_curves(history, tmp_path / "curves.png", title="distill")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The data read back from the figure that was saved: one panel per key, in first-seen order.
+    [fig] = saved
+    assert fig.get_suptitle() == "distill"
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 3 and all(ax.get_xlabel() == "step" for ax in panels)
+    loss, lr, gap = panels
+    assert "(pp)" in gap.get_title() and "(pp)" not in loss.get_title()
+    raw_loss = loss.get_lines()[0]  # the faint raw series under the moving average
+    assert list(raw_loss.get_xdata()) == steps
+    assert list(raw_loss.get_ydata()) == pytest.approx([1.0 / (1 + s) for s in steps])
+    assert loss.get_yscale() == "linear"  # 1 → 1/60 is not orders of magnitude
+    [lr_line] = lr.get_lines()  # a schedule is drawn exactly, unsmoothed
+    assert list(lr_line.get_ydata()) == pytest.approx([1e-5 * min(1, s / 10) for s in steps])
+    gap_line = gap.get_lines()[0]
+    assert list(gap_line.get_xdata()) == list(evals)
+    assert list(gap_line.get_ydata()) == pytest.approx([100 * (0.3 - s / 400) for s in evals])  # in points
+    saved.clear()
     assert plot_training_curves([{"step": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()

@@ -115,8 +115,25 @@ def test_union_area_relative_area() -> None:
     assert geometry.area((10.0, 10.0, 90.0, 50.0)) == 80 * 40
     # union (0,0,50,40) covers 2000 of 100*80 = 8000 pixels
     assert geometry.relative_area([(0, 0, 50, 20), (0, 20, 50, 40)], 100, 80) == pytest.approx(0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^union of no boxes$"):
         geometry.union([])
+
+
+def test_area_uses_each_axis_and_is_zero_for_a_degenerate_box() -> None:
+    assert geometry.area((2.0, 30.0, 7.0, 33.0)) == 5 * 3  # x1 != y1, so a mixed-up index changes the result
+    assert geometry.area((5.0, 5.0, 5.0, 9.0)) == 0.0
+    assert geometry.area((5.0, 5.0, 9.0, 5.0)) == 0.0
+    assert geometry.area((5.0, 5.0, 5.5, 5.25)) == pytest.approx(0.125)  # sub-pixel sides are not raised to 1
+
+
+def test_clamp_box_keeps_sub_pixel_edges_and_names_the_box_to_one_decimal() -> None:
+    assert geometry.clamp_box((3.0, -4.0, 9.0, 0.5), 100, 50) == ((3.0, 0.0, 9.0, 0.5), True)
+    with pytest.raises(SampleError, match=r"^box \(101\.3, 2\.0, 120\.0, 7\.5\) lies outside the 100x50 image$"):
+        geometry.clamp_box((101.26, 2.0, 120.0, 7.5), 100, 50)
+
+
+def test_parse_boxes_reads_one_flat_box_in_its_format() -> None:
+    assert geometry.parse_boxes([10, 20, 5, 6], "xywh") == ((10.0, 20.0, 15.0, 26.0),)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,3 +264,53 @@ def test_render_views_and_hint() -> None:
     assert views.render("crop", img, q, boxes, provided_crop=provided).image is provided
     with pytest.raises(ValueError, match="unknown view"):
         views.render("zoom", img, q, boxes)
+
+
+def test_crop_region_defaults_are_tight_with_a_28_pixel_floor() -> None:
+    # a 10-px box centred at 15: context 1.0 keeps it, the 28-px floor widens it to 1..29 on both axes
+    assert geometry.crop_region([(10.0, 10.0, 20.0, 20.0)], 100, 100) == (1, 1, 29, 29)
+    # a 40 × 30 box is above the floor: exactly its own extent
+    assert geometry.crop_region([(10.0, 20.0, 50.0, 50.0)], 100, 100) == (10, 20, 50, 50)
+
+
+def test_view_config_as_dict_names_every_setting() -> None:
+    assert views.ViewConfig().as_dict() == {"context": 1.0, "min_side": 28, "zoom": 2.0, "box_width": 0}
+
+
+def _pattern(w: int, h: int) -> Image.Image:
+    """Sharp 1-px stripes: every resampling filter gives it different pixels."""
+    img = Image.new("RGB", (w, h))
+    img.putdata([((x * 37) % 256, (y * 91) % 256, ((x ^ y) * 13) % 256) for y in range(h) for x in range(w)])
+    return img
+
+
+def test_crop_view_uses_the_config_and_lanczos() -> None:
+    img = _pattern(120, 90)
+    cfg = views.ViewConfig(min_side=40, zoom=1.5)
+    crop, region = views.crop_view(img, [(50.0, 40.0, 60.0, 50.0)], cfg)
+    assert region == (35, 25, 75, 65)  # the 40-px floor around the centre (55, 45)
+    assert crop.size == (60, 60)
+    assert crop.tobytes() == img.crop(region).resize((60, 60), Image.Resampling.LANCZOS).tobytes()
+    # a zoom that rounds a side to zero still leaves one pixel
+    tiny, _ = views.crop_view(img, [(5.0, 5.0, 6.0, 6.0)], views.ViewConfig(min_side=1, zoom=0.4))
+    assert tiny.size == (1, 1)
+    rendered = views.render("crop", img, "Q?", [(50.0, 40.0, 60.0, 50.0)], cfg)
+    assert rendered.region == region and rendered.image.size == (60, 60) and rendered.question == "Q?"
+
+
+def test_box_view_default_width_grows_with_the_image_and_render_passes_the_config() -> None:
+    img = Image.new("RGB", (1000, 400), (0, 0, 0))
+    out = views.box_view(img, [(100.0, 100.0, 200.0, 200.0)])
+    # 0.5% of 1000 = 5 px, drawn just outside the box: columns 95..99 are red, 94 is not
+    assert [out.getpixel((x, 150)) for x in (94, 95, 99, 100)] == [(0, 0, 0), (255, 0, 0), (255, 0, 0), (0, 0, 0)]
+    boxed = views.render("box", img, "Q?", [(100.0, 100.0, 200.0, 200.0)], views.ViewConfig(box_width=9))
+    assert boxed.image.getpixel((91, 150)) == (255, 0, 0) and boxed.image.getpixel((90, 150)) == (0, 0, 0)
+
+
+def test_hint_keeps_the_question_start_and_a_provided_crop_keeps_the_question() -> None:
+    assert views.with_hint("  What is it?  ") == "  What is it?\n" + views.BOX_HINT
+    given = Image.new("RGB", (7, 5))
+    r = views.render("crop", _pattern(50, 50), "Q?", [(1.0, 1.0, 5.0, 5.0)], provided_crop=given)
+    assert r.image is given and r.question == "Q?" and r.region is None
+    with pytest.raises(ValueError, match=r"expected one of full, crop, box$"):
+        views.render("zoomed", given, "Q?", [])

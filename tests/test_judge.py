@@ -127,6 +127,24 @@ def test_rescore_sends_only_undecided_answers_and_applies_verdicts(tmp_path):
     assert judge.stats["asked"] == 4 and judge.stats["yes"] == 2 and judge.stats["undecided"] == 1
 
 
+@pytest.mark.parametrize("short_mismatches", [True, False])
+def test_what_goes_to_the_judge_is_what_the_readme_says(short_mismatches):
+    """README: parse failures, and (by default) short answers read but not matched; nothing else."""
+    judge = Judge("http://127.0.0.1:9/v1", "j", check_server=False, judge_short_mismatches=short_mismatches)
+    try:
+        assert judge.needs_judge(_rec("p", "a reddish tone"))
+        short = _rec("s", "a red sports car", parsed="a red sports car", parse_failed=False, answer="red car",
+                     answer_type="short")
+        assert judge.needs_judge(short) is short_mismatches
+        right_short = _rec("r", "red car", parsed="red car", correct=True, parse_failed=False, answer="red car",
+                           answer_type="short")
+        wrong_mcq = _rec("m", "A", parsed="A", parse_failed=False)
+        wrong_number = _rec("n", "4", parsed="4", parse_failed=False, answer="3", answer_type="number")
+        assert not any(judge.needs_judge(r) for r in (right_short, wrong_mcq, wrong_number))
+    finally:
+        judge.close()
+
+
 def test_verdicts_are_cached_on_disk(tmp_path):
     server = ScriptedJudge(REPLIES)
     cache = tmp_path / "judge.jsonl"

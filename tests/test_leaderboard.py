@@ -40,6 +40,11 @@ def _summary_value(run_dir, metric: str, bench: str = BENCH, cat: str = "all") -
     return s[(s["benchmark"] == bench) & (s["category"] == cat) & (s["metric"] == metric)].iloc[0]
 
 
+def _wilson_half_width(k: int, n: int, z: float = 1.959963984540054) -> float:
+    p = k / n
+    return z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+
+
 def test_cli_writes_files_and_values_equal_the_summaries(runs):
     out = runs / "lb" / "leaderboard.csv"
     res = CliRunner().invoke(app, ["leaderboard", str(runs / "before"), str(runs / "after"), "--out", str(out),
@@ -58,9 +63,11 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
         for view in ("full", "crop", "box"):
             src = _summary_value(run_dir, f"acc_{view}")
             assert row[f"{BENCH}:{view}"] == src["value"]  # exactly, not approximately
-            assert row[f"{BENCH}:{view}:ci"] == (src["ci_high"] - src["ci_low"]) / 2
             # ...and the summary itself holds the script's accuracy (a parse failure counts as wrong).
-            assert src["value"] == rf.count_right(outcome, view, range(N)) / N
+            k = rf.count_right(outcome, view, range(N))
+            assert src["value"] == k / N
+            # The CI column is the Wilson 95% half-width of k/N, written out here.
+            assert row[f"{BENCH}:{view}:ci"] == pytest.approx(_wilson_half_width(k, N), rel=1e-9)
         for gap in ("gap", "gap_locate", "gap_zoom"):
             src = _summary_value(run_dir, gap)
             assert row[f"{BENCH}:{gap}"] == src["value"]

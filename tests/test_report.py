@@ -50,12 +50,13 @@ def test_report_and_figures_written(tmp_path):
     assert "2026-11-26" in text and "fp1234" in text
     assert "where to look" in text and "how closely" in text
 
-    m = {r.metric: r for r in summary[(summary["category"] == "all")].itertuples()}
-    # acc_full = 3/11 valid full records (s0, s1, n1), crop 8/10, box 5/10.
-    assert report.fmt_acc(m["acc_full"].value, m["acc_full"].ci_low, m["acc_full"].ci_high) in text
+    # acc_full = 3/11 valid full records (s0, s1, n1), crop 8/10, box 5/10. Wilson 95% for 3/11, by hand:
+    # centre (p + z²/2n)/(1 + z²/n) = 0.3316, half-width z·sqrt(p(1−p)/n + z²/4n²)/(1 + z²/n) = 0.2341.
+    assert "| 27.3 [9.7, 56.6] |" in text
     assert "27.3 [" in text and "80.0 [" in text and "50.0 [" in text
     assert "+60.0 [" in text and "+30.0 [" in text  # gap, and both of its parts
-    assert report.fmt_p(m["mcnemar_p"].value) in text
+    # McNemar, full vs crop on the 10 paired samples: 6 discordant pairs, all one way: p = 2·0.5⁶ = 0.03125
+    assert "| 10 | 0.031 |" in text
     # Transitions: both right 2, recoverable 6, crop-only failure 0, both wrong 2, paired n 10.
     assert "| synthetic | 2 | 6 | 0 | 2 | 10 |" in text
     # Gap by evidence size: 0-0.1% holds s0–s4 (gap 3/5), 2-5% holds s5–s9 (gap 3/5).

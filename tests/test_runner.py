@@ -52,7 +52,8 @@ def test_cli_end_to_end_with_limit(tiny_model_dir, tmp_path):
     res = _run_cli("gap-report", str(tiny_model_dir), "--limit", "6", "--max-new-tokens", "3", "--out", str(out),
                    "--batch-size", "4")
     assert res.returncode == 0, res.stderr
-    for name in ("summary.csv", "samples.jsonl", "failures.jsonl", "report.md", "run.json", "accuracy.png"):
+    for name in ("summary.csv", "samples.jsonl", "failures.jsonl", "both_right.jsonl", "report.md", "run.json",
+                 "accuracy.png"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 18 and {r["view"] for r in records} == {"full", "crop", "box"}
@@ -67,6 +68,8 @@ def test_cli_end_to_end_with_limit(tiny_model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model_fingerprint"].startswith("sha256:") and run["seed"] == 0
     assert run["config"]["limit"] == 6 and "torch" in run["versions"]
+    assert run["decoding"] == {"greedy": True, "temperature": 0.0, "top_p": 1.0, "top_k": None,
+                               "repetition_penalty": 1.0, "max_new_tokens": 3, "seed": 0}  # the model's defaults off
     assert "synthetic" in res.stdout and "Regional-to-global" in res.stdout
 
 
@@ -115,6 +118,7 @@ def test_gap_matches_hand_count(tmp_path):
     failures = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["sample_id"] for f in failures) == sorted(answers)
     assert all(f["boxes"] and f["question"] and f["options"] for f in failures)
+    assert (tmp_path / "both_right.jsonl").read_text() == ""  # the full view is never right here
 
 
 def test_killed_run_resumes_to_identical_summary(tiny_model_dir, tmp_path):

@@ -264,15 +264,47 @@ def test_score_with_never_counts_a_parse_failure_as_correct() -> None:
     assert score_with(sloppy, _mcq(), "whatever") == Score(None, False, True)
 
 
-@pytest.mark.parametrize("response", [r for r, _ in MCQ_TABLE] + [r for r, _ in YESNO_TABLE])
-@pytest.mark.parametrize("answer_type", ["mcq", "yesno", "short", "number"])
-def test_a_parse_failure_is_never_correct(response: str, answer_type: str) -> None:
-    answer = {"mcq": "A", "yesno": "yes", "short": "red", "number": "3"}[answer_type]
+# (answer type, reference answer, response) -> (parsed, correct), each verdict written by hand. Several rows are
+# traps a plausible bug falls into: reading the first capital anywhere, comparing unnormalised text, matching a
+# number by its digits, dropping a minus sign, treating "no" inside a word as an answer.
+VERDICTS: list[tuple[str, str, str, str | None, bool]] = [
+    ("mcq", "A", "A lot of blue", None, False),  # the first-capital fallback would read A and score it right
+    ("mcq", "A", "I think it is A", "A", True),
+    ("mcq", "B", "(b)", "B", True),
+    ("mcq", "[B]", "B", "B", True),  # the reference's own brackets
+    ("mcq", "b.", "The answer is B", "B", True),
+    ("mcq", "C", "The answer is B, not C", "B", False),
+    ("mcq", "C", "green", "C", True),  # the option's text
+    ("mcq", "C", "Green car", None, False),
+    ("mcq", "D", "E", None, False),  # a letter beyond the options
+    ("mcq", "A", "A or B", None, False),
+    ("mcq", "A", "<think>A</think>", None, False),  # reasoning is never the answer
+    ("yesno", "Yes", "yes", "yes", True),
+    ("yesno", "Yes.", "YES!", "yes", True),
+    ("yesno", "no", "Nothing is there", None, False),  # "no" as part of a word
+    ("yesno", "no", "No, nothing.", "no", True),
+    ("yesno", "yes", "Yes or no", None, False),
+    ("yesno", "yes", "No", "no", False),
+    ("short", "Stop sign", "the STOP sign.", "stop sign", True),
+    ("short", "cat", "Answer:", None, False),  # a lead-in with nothing after it
+    ("short", "red", "The answer is red", "red", True),
+    ("short", "red", "dark red", "dark red", False),  # no substring matching
+    ("short", "21", "twenty-one", "21", True),
+    ("short", "red", "", None, False),
+    ("number", "3", "three", "3", True),
+    ("number", "3.0", "3", "3", True),
+    ("number", "-2", "2", "2", False),  # a dropped minus sign
+    ("number", "2", "-2", "-2", False),
+    ("number", "1000", "1,000", "1000", True),
+    ("number", "1000000", "1000001", "1000001", False),  # a relative tolerance must stay tiny
+    ("number", "0.5", "0.50", "0.5", True),
+    ("number", "3", "3 or 4", None, False),
+    ("number", "3", "no number", None, False),
+]
+
+
+@pytest.mark.parametrize(("answer_type", "answer", "response", "parsed", "correct"), VERDICTS)
+def test_score_verdicts(answer_type: str, answer: str, response: str, parsed: str | None, correct: bool) -> None:
     s = Sample(id="p", image="x.png", question="?", options=OPTIONS if answer_type == "mcq" else (),
                answer=answer, answer_type=answer_type)  # type: ignore[arg-type]
-    result = score(s, response)
-    assert result.parse_failed == (result.parsed is None)
-    if result.parse_failed:
-        assert not result.correct
-    if result.correct:
-        assert result.parsed is not None
+    assert score(s, response) == Score(parsed, correct, parsed is None)

@@ -1,5 +1,6 @@
 """The shipped toy VLM: loads offline from the package, generates a bare letter, its processor round-trips, and
-its accuracies on a fixed slice of synthetic:test still match the numbers recorded when it was built."""
+the numbers its build recorded agree with each other and with the model card. Its accuracies measured through the
+product, `vopd gap-report toy`, are checked by `test_toy_golden.py`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ from vopd_bench.modeling import TOY_DIR, encode, load_model
 from vopd_bench.toy import TOY_WORLD
 from vopd_bench.toy.build import BUILD_INFO, SLICE
 from vopd_bench.toy.data import view_example
-from vopd_bench.toy.evaluate import accuracy_per_view, greedy_responses
+from vopd_bench.toy.evaluate import greedy_responses
 
 VIEWS = ("full", "crop", "box")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    torch.set_num_threads(1)  # the toy's recorded numbers were measured single-threaded, like its build
     return load_model("toy")
 
 
@@ -77,18 +77,6 @@ def test_processor_save_and_load_give_identical_inputs(toy, tmp_path):
     # One image: 64 merged patches for a 224x224 canvas, each an <|image_pad|> token in the text.
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((a["input_ids"][0] == pad).sum()) == int(a["image_grid_thw"][0].prod()) // 4
-
-
-def test_slice_accuracies_match_the_recorded_build(toy, info):
-    """The drift guard: re-measure the first SLICE test samples and compare with what the build recorded."""
-    model, processor = toy
-    samples = make_samples("test", TOY_WORLD, n=SLICE)
-    acc = accuracy_per_view(model, processor, samples, synthetic_spec(None), VIEWS)
-    recorded = info["accuracy_slice"]
-    assert recorded["n"] == SLICE
-    for view in VIEWS:
-        # Same weights and inputs give the same greedy answers; allow 2 of 48 to flip on other CPUs' arithmetic.
-        assert abs(acc[view] - recorded[view]) <= 2 / SLICE + 1e-9, (view, acc[view], recorded[view])
 
 
 def test_recorded_accuracies_meet_the_targets_and_agree_with_the_slice(info):

@@ -182,14 +182,16 @@ def test_labels_are_never_read(tiny_model_dir, tmp_path):
         sources.append(f"local:{path}")
     results = []
     for k, source in enumerate(sources):
+        # no weight decay: the weights can then move only through gradients, which the last check proves flowed
         cfg = tiny_cfg(tiny_model_dir, tmp_path / f"run{k}", data=source, data_limit=None, steps=2, n_rollouts=1,
-                       max_new_tokens=2)
+                       max_new_tokens=2, weight_decay=0.0)
         results.append(model_tensors(Distiller(cfg).train().model_dir))
     for other in results[1:]:
         for key in results[0]:
             assert torch.equal(results[0][key], other[key]), key
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
-    assert any(not torch.equal(start[k], results[0][k]) for k in start)  # and training did change the weights
+    moved = [k for k in start if not torch.equal(start[k], results[0][k])]
+    assert len(moved) >= len(start) // 2, (len(moved), len(start))  # gradients reached most tensors
 
 
 def test_lora_trains_the_adapter_only_and_saves_a_mergeable_model(tiny_model_dir, tmp_path):
@@ -230,7 +232,7 @@ def test_cli_end_to_end_with_remeasure_and_reload_in_gap_report(tiny_model_dir, 
     out = tmp_path / "e2e"
     args = ["distill", str(tiny_model_dir), "--data", "synthetic:train", "--out", str(out), "--data-limit", "4",
             "--steps", "2", "--batch-size", "2", "--n-rollouts", "2", "--max-new-tokens", "3", "--topk", "10",
-            "--lr", "1e-3", "--teacher", "trust-region", "--eval-limit", "4", "--eval-max-new-tokens", "2",
+            "--lr", "1e-3", "--teacher", "trust-region", "--remeasure-limit", "4", "--eval-max-new-tokens", "2",
             "--quiet", "--threads", "1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

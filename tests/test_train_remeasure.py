@@ -60,6 +60,9 @@ def test_samples_missing_from_one_run_are_left_out():
 
 def test_held_out_choice():
     assert held_out_benchmarks("benchmark", ["synthetic:train"], "") == ["synthetic:test"]
+    # prompts from the test split (a gap-report's failures on it) are not held out from it: validation is
     assert held_out_benchmarks("failures", ["synthetic"], "") == ["synthetic:validation"]
+    assert held_out_benchmarks("benchmark", ["synthetic:test"], "") == ["synthetic:validation"]
+    assert held_out_benchmarks("benchmark", ["synthetic:train", "local:x.jsonl"], "") == []
     assert held_out_benchmarks("vopd6k", [], "") == []
     assert held_out_benchmarks("vopd6k", [], "vstar, hrbench4k") == ["vstar", "hrbench4k"]

@@ -1,5 +1,6 @@
-"""`VLLMRolloutEngine` through a fake `vllm` module that honours the calls it makes (`LLM(...)`, `LLM.generate`,
-`SamplingParams`, the in-process model's `load_weights`, `apply_model`, cache resets, sleep/wake).
+"""`VLLMRolloutEngine` through tests/fake_vllm.py, which follows vLLM 0.33.0's API (`LLM(...)`, `LLM.generate`,
+`SamplingParams`, `collective_rpc` with the worker's `get_model().load_weights`, cache resets, sleep/wake);
+test_vllm_conformance.py checks the fake against the real package.
 
 Real vLLM needs a GPU. What these tests pin down is what the engine asks of vLLM and what it does with the
 answers; the end-to-end tests use a fake whose rollouts come from its own copy of the tiny model (sampled with
@@ -11,11 +12,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import sys
 import types
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import fake_vllm
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,75 +34,27 @@ from vopd_train.trainer import Distiller
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------------- the fake vllm module
+# ---------------------------------------------------------------------- engines on the fake vllm module
 
 
-@dataclass
-class FakeSamplingParams:
-    """The fields of vllm.SamplingParams the engine sets (an unknown keyword is a TypeError, as in vLLM)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    max_tokens: int | None = 16
-    seed: int | None = None
-    logprobs: int | None = None
-    bad_words: list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    detokenize: bool = True
-
-
-@dataclass
-class FakeLogprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class FakeCompletion:
-    token_ids: list[int]
-    logprobs: list[dict[int, FakeLogprob]] | None
-
-
-@dataclass
-class FakeRequestOutput:
-    prompt_token_ids: list[int] | None
-    outputs: list[FakeCompletion]
-
-
-@dataclass
-class ScriptedLLM:
+class ScriptedLLM(fake_vllm.LLM):
     """Answers every prompt with the scripted token rows (one per sample, cycled; ids ≥ 40, as 0-6 are the
-    tiny tokenizer's special tokens) and log-prob -0.5·(k+1) at
-    position k; reports the prompt ids it is given in `prompt_ids`; records every call."""
+    tiny tokenizer's special tokens) and log-prob -0.5·(k+1) at position k; reports the prompt ids it is given in
+    `prompt_ids`; records every call and event."""
 
-    rows: list[list[int]] = field(default_factory=lambda: [[40, 41]])
-    prompt_ids: list[list[int]] | None = None
-    calls: list = field(default_factory=list)
-    events: list = field(default_factory=list)
+    def __init__(self, model: str = "m", rows=None, prompt_ids=None, weights_model=None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.rows = rows or [[40, 41]]
+        self.prompt_ids = prompt_ids
+        self.worker = fake_vllm.Worker(weights_model)
+        self._next = 0
 
-    def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        self.calls.append({"prompts": prompts, "sampling_params": sampling_params, "use_tqdm": use_tqdm})
-        outs = []
-        for i, sp in enumerate(sampling_params):
-            comps = []
-            for j in range(sp.n):
-                row = self.rows[j % len(self.rows)]
-                comps.append(FakeCompletion(list(row), [{t: FakeLogprob(-0.5 * (k + 1))} for k, t in enumerate(row)]))
-            outs.append(FakeRequestOutput(self.prompt_ids[i] if self.prompt_ids else None, comps))
-        return outs
-
-    def sleep(self, level=1):
-        self.events.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.events.append(("wake_up", tags))
-
-    def reset_prefix_cache(self):
-        self.events.append(("reset_prefix_cache",))
-
-    def reset_encoder_cache(self):
-        self.events.append(("reset_encoder_cache",))
+    def answer(self, prompt, params):
+        comps = [fake_vllm.completion(row, [-0.5 * (k + 1) for k in range(len(row))], index=j)
+                 for j in range(params.n) for row in [self.rows[j % len(self.rows)]]]
+        ids = self.prompt_ids[self._next] if self.prompt_ids else None
+        self._next += 1
+        return fake_vllm.RequestOutput(str(self._next), prompt["prompt"], ids, None, comps)
 
 
 class RecordingModel:
@@ -114,28 +69,18 @@ class RecordingModel:
         return set(got)
 
 
-def in_process(llm, model):
-    """Attach `model` where an in-process vLLM engine keeps it."""
-    runner = SimpleNamespace(model=model)
-    llm.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
-    return llm
-
-
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm_module(monkeypatch):
     """A `vllm` module whose LLM(...) records its arguments and builds what `factory` returns."""
     made = []
-    state = {"factory": lambda **kw: ScriptedLLM()}
+    state = {"factory": lambda **kw: ScriptedLLM(**kw)}
 
     def make_llm(**kwargs):
         llm = state["factory"](**kwargs)
         made.append((kwargs, llm))
         return llm
 
-    module = types.ModuleType("vllm")
-    module.LLM = make_llm
-    module.SamplingParams = FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    fake_vllm.install(monkeypatch, make_llm)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     return SimpleNamespace(made=made, state=state)
 
@@ -162,7 +107,7 @@ def eos_id(processor) -> int:
 # ---------------------------------------------------------------------- requests and answers
 
 
-def test_requests_carry_the_chat_text_and_image_and_the_sampling_settings(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_requests_carry_the_chat_text_and_image_and_the_sampling_settings(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
     llm = ScriptedLLM(rows=[[70, 71, 72]])
     engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm, eos_token_ids=[eos_id(processor)])
@@ -187,7 +132,7 @@ def test_requests_carry_the_chat_text_and_image_and_the_sampling_settings(fake_v
     assert all(r.token_ids == [70, 71, 72] and r.logprobs == [-0.5, -1.0, -1.5] for r in rolls)
 
 
-def test_vision_tokens_are_banned_by_their_text(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_vision_tokens_are_banned_by_their_text(fake_vllm_module, tiny, prompts, tiny_model_dir):
     """vLLM tokenises each bad word (without special-token wrapping): each must come out as one vision id."""
     _, processor = tiny
     llm = ScriptedLLM()
@@ -203,7 +148,7 @@ def test_vision_tokens_are_banned_by_their_text(fake_vllm, tiny, prompts, tiny_m
         bad.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=4))
 
 
-def test_responses_end_at_the_first_eos(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_responses_end_at_the_first_eos(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
     eos, other_eos = eos_id(processor), processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     rows = [[40, eos, 41, 42], [40, 41, 42, 43], [other_eos, 44], [eos]]
@@ -215,7 +160,7 @@ def test_responses_end_at_the_first_eos(fake_vllm, tiny, prompts, tiny_model_dir
     assert engine.llm.calls[0]["sampling_params"][0].stop_token_ids == sorted([eos, other_eos])
 
 
-def test_prompt_ids_must_match_the_trainers(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_prompt_ids_must_match_the_trainers(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
     same = [p.input_ids.tolist() for p in prompts]
     VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM(prompt_ids=same)).generate(
@@ -226,23 +171,111 @@ def test_prompt_ids_must_match_the_trainers(fake_vllm, tiny, prompts, tiny_model
         engine.generate(prompts, SamplingSettings(n=1, max_new_tokens=2))
 
 
-def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
     engine = VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.3, seed=5, dtype="bfloat16",
                                max_model_len=2048, enable_sleep_mode=True, enforce_eager=True)
-    assert fake_vllm.made == []  # nothing started yet
+    assert fake_vllm_module.made == []  # nothing started yet
     engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
-    [(kwargs, _)] = fake_vllm.made
+    [(kwargs, _)] = fake_vllm_module.made
     from vopd_bench.modeling import TOY_DIR
 
     assert kwargs == {"model": str(TOY_DIR), "dtype": "bfloat16", "seed": 5, "gpu_memory_utilization": 0.3,
                       "trust_remote_code": False, "limit_mm_per_prompt": {"image": 1},
                       "logprobs_mode": "processed_logprobs", "enable_sleep_mode": True, "enable_prefix_caching": True,
-                      "enforce_eager": True,
-                      "max_model_len": 2048}
+                      "enforce_eager": True, "max_model_len": 2048, "generation_config": "vllm"}
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # so that the model is reachable for the sync
     with pytest.raises(VopdError, match="utilization"):
         VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.0)
+
+
+def test_multiprocessing_mode_is_set_and_a_conflicting_setting_refused(fake_vllm_module, monkeypatch, tiny, prompts):
+    from vopd_train.rollout_vllm import set_in_process_mode
+
+    _, processor = tiny
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    set_in_process_mode(env)
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the user's export, which vLLM defaults to
+    with pytest.raises(VopdError, match=r"VLLM_ENABLE_V1_MULTIPROCESSING=1 is set, .* unset it or set it to 0"):
+        VLLMRolloutEngine("toy", processor).generate(prompts[:1], SamplingSettings(n=1))
+    assert fake_vllm_module.made == []  # refused before any engine was built
+    with pytest.raises(VopdError, match="tensor parallel size 1"):
+        VLLMRolloutEngine("toy", processor, tensor_parallel_size=2)
+
+
+def test_free_gpu_memory_preflight():
+    from vopd_train.rollout_vllm import check_free_gpu_memory
+
+    gib = 2**30
+    check_free_gpu_memory(0.5, free=40 * gib, total=80 * gib)  # exactly the share: fine
+    check_free_gpu_memory(0.5, free=None, total=None)  # no GPU to ask: vLLM's own check stands
+    with pytest.raises(VopdError) as e:
+        check_free_gpu_memory(0.5, free=30 * gib, total=80 * gib)  # the trainer holds 50 GiB
+    assert str(e.value) == ("--vllm-gpu-memory-utilization 0.5 asks for 40.0 GiB of the GPU's 80.0 GiB but only "
+                            "30.0 GiB is free: lower it to at most 0.37 or free memory (smaller model, --lora, "
+                            "fewer rollouts)")
+
+
+def test_engine_start_leaves_the_trainers_random_states_as_they_were(fake_vllm_module, tiny, prompts):
+    """vLLM seeds random, numpy and torch with its own seed when it builds the in-process worker."""
+    _, processor = tiny
+
+    def reseeding(**kw):
+        random.seed(kw["seed"])
+        np.random.seed(kw["seed"])
+        torch.manual_seed(kw["seed"])
+        return ScriptedLLM(**kw)
+
+    fake_vllm_module.state["factory"] = reseeding
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    want = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    _ = VLLMRolloutEngine("toy", processor, seed=0).llm
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == want
+
+
+def test_validation_error_from_vllm_is_one_line(fake_vllm_module, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+
+    class Rejecting(ScriptedLLM):
+        def answer(self, prompt, params):
+            raise fake_vllm.VLLMValidationError("The decoder prompt (length 9000) is longer than the maximum model "
+                                                "length of 4096.\nMake sure that `max_model_len` is larger.")
+
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=Rejecting())
+    with pytest.raises(VopdError, match=r"^vLLM rejected a rollout request: The decoder prompt \(length 9000\)"):
+        engine.generate(prompts[:1], SamplingSettings(n=1))
+
+
+def test_temperature_above_vllms_limit_is_refused_before_the_engine_starts(fake_vllm_module, tiny_model_dir, tmp_path):
+    with pytest.raises(VopdError, match=r"--temperature 2.5 is outside what vLLM samples at"):
+        Distiller(vllm_cfg(tiny_model_dir, tmp_path / "hot", temperature=2.5))
+    assert fake_vllm_module.made == []
+
+
+def test_sleep_is_level_1_because_lora_syncs_send_only_the_adapted_layers():
+    from vopd_train.rollout_vllm import SLEEP_LEVEL
+
+    assert SLEEP_LEVEL == 1  # level 2 discards the weights a LoRA sync does not resend
+
+
+def test_a_partial_wake_up_is_an_error(fake_vllm_module, tiny, prompts, tiny_model_dir):
+    _, processor = tiny
+
+    class Drowsy(ScriptedLLM):
+        def wake_up(self, tags=None):
+            super().wake_up(tags)
+            return False
+
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=Drowsy(), enable_sleep_mode=True)
+    engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
+    with pytest.raises(VopdError, match="did not wake up fully after waking weights, kv_cache"):
+        engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
 
 
 def test_missing_vllm_and_start_failure_are_one_line_errors(monkeypatch, tiny, prompts):
@@ -255,7 +288,7 @@ def test_missing_vllm_and_start_failure_are_one_line_errors(monkeypatch, tiny, p
     def broken(**kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20 GiB\ntraceback lines")
 
-    module.LLM, module.SamplingParams = broken, FakeSamplingParams
+    module.LLM, module.SamplingParams = broken, fake_vllm.SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     with pytest.raises(VopdError) as e:
         VLLMRolloutEngine("org/model", processor).generate(prompts[:1], SamplingSettings(n=1))
@@ -263,16 +296,17 @@ def test_missing_vllm_and_start_failure_are_one_line_errors(monkeypatch, tiny, p
                             "20 GiB traceback lines")
 
 
-def test_sleep_mode_wakes_what_each_call_needs(fake_vllm, tiny, prompts, tiny_model_dir):
+def test_sleep_mode_wakes_what_each_call_needs(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
-    llm = in_process(ScriptedLLM(), RecordingModel())
+    llm = ScriptedLLM(weights_model=RecordingModel())
     engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm, enable_sleep_mode=True)
     settings = SamplingSettings(n=1, max_new_tokens=2)
     engine.generate(prompts[:1], settings)
     engine.sync_weights(torch.nn.Linear(2, 2))
     engine.generate(prompts[:1], settings)
     assert llm.events == [("sleep", 1),  # after the rollouts: weights to CPU, KV cache freed
-                          ("wake_up", ["weights"]), ("reset_prefix_cache",), ("reset_encoder_cache",),
+                          ("wake_up", ["weights"]), ("collective_rpc", "load_weights_on_worker"),
+                          ("reset_prefix_cache",), ("reset_encoder_cache",),
                           ("wake_up", ["kv_cache"]),  # the weights are back already
                           ("sleep", 1)]
 
@@ -280,10 +314,10 @@ def test_sleep_mode_wakes_what_each_call_needs(fake_vllm, tiny, prompts, tiny_mo
 # ---------------------------------------------------------------------- weight sync
 
 
-def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm, tiny, tiny_model_dir):
+def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm_module, tiny, tiny_model_dir):
     model, processor = tiny
     recorder = RecordingModel()
-    llm = in_process(ScriptedLLM(), recorder)
+    llm = ScriptedLLM(weights_model=recorder)
     VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm).sync_weights(model)
     [sent] = recorder.loads
     saved = load_file(tiny_model_dir / "model.safetensors")
@@ -292,7 +326,9 @@ def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm, tiny,
         assert sent[k].shape == saved[k].shape and torch.equal(sent[k], saved[k]), k
     # views of the live parameters, not copies
     assert sent["model.embed_tokens.weight"].data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    assert llm.events == [("reset_prefix_cache",), ("reset_encoder_cache",)]  # caches built on the old weights
+    # through collective_rpc with a module-level function (never a closure), then the caches built on the old weights
+    assert llm.events == [("collective_rpc", "load_weights_on_worker"), ("reset_prefix_cache",),
+                          ("reset_encoder_cache",)]
 
 
 def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
@@ -321,32 +357,34 @@ def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
     assert not torch.equal(layer.base_layer.weight, by_hand)
 
 
-def test_sync_without_an_in_process_model_goes_through_apply_model(fake_vllm, tiny, tiny_model_dir):
-    _, processor = tiny
+def test_the_sync_function_survives_pickling_and_a_closure_would_not(fake_vllm_module):
+    """What vLLM does with an RPC callable outside the in-process layout: pickle it (by reference for a
+    module-level function). The fake does the same, so a closure in the sync path fails these tests."""
+    import pickle
+
+    from vopd_train.rollout_vllm import load_weights_on_worker
+
+    assert pickle.loads(pickle.dumps(load_weights_on_worker)) is load_weights_on_worker
     recorder = RecordingModel()
-
-    class RemoteLLM(ScriptedLLM):
-        def apply_model(self, func):
-            return [func(recorder)]  # vLLM runs func on each worker's model
-
-    lin = torch.nn.Linear(3, 2)
-    VLLMRolloutEngine(str(tiny_model_dir), processor, llm=RemoteLLM()).sync_weights(lin)
-    assert recorder.loads[0].keys() == {"weight", "bias"} and torch.equal(recorder.loads[0]["weight"], lin.weight)
-    with pytest.raises(VopdError, match="neither an in-process model"):
-        VLLMRolloutEngine(str(tiny_model_dir), processor, llm=ScriptedLLM()).sync_weights(lin)
+    llm = ScriptedLLM(weights_model=recorder)
+    assert llm.collective_rpc(load_weights_on_worker, args=([("w", torch.ones(2))],)) == [1]
+    assert torch.equal(recorder.loads[0]["w"], torch.ones(2))
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        llm.collective_rpc(lambda worker: None)
 
 
 # ---------------------------------------------------------------------- end to end through the trainer
 
 
-class HFBackedLLM:
+class HFBackedLLM(fake_vllm.LLM):
     """A vLLM stand-in with its own copy of the model: it renders the request with the processor (as vLLM does
     from text + image), samples with transformers `generate` (per-sample seeds, bad words, stop ids), reports the
     log-prob of each sampled token at the temperature, and takes new weights only through `load_weights` by
     checkpoint name."""
 
-    def __init__(self, model_dir: str, logprob_shift: float = 0.0):
-        self.model, self.processor = load_model(model_dir, device="cpu", dtype="float32")
+    def __init__(self, model: str, logprob_shift: float = 0.0, **kwargs):
+        super().__init__(model, **kwargs)
+        self.model, self.processor = load_model(model, device="cpu", dtype="float32")
         self.logprob_shift = logprob_shift
         self.loaded: list[dict[str, tuple]] = []
         from transformers.core_model_loading import revert_weight_conversion
@@ -355,8 +393,7 @@ class HFBackedLLM:
         self.by_ckpt = {next(iter(revert_weight_conversion(self.model, {n: torch.zeros(1)}))): n
                         for n in self.model.state_dict()}
         self.params = dict(self.model.named_parameters())
-        in_process(self, SimpleNamespace(load_weights=self.load_weights))
-        self.resets = 0
+        self.worker = fake_vllm.Worker(SimpleNamespace(load_weights=self.load_weights))
 
     def load_weights(self, weights):
         record = {}
@@ -368,40 +405,34 @@ class HFBackedLLM:
                 record[name] = tuple(tensor.shape)
         self.loaded.append(record)
 
-    def reset_prefix_cache(self):
-        self.resets += 1
+    @property
+    def resets(self) -> int:
+        return sum(e[0] in ("reset_prefix_cache", "reset_encoder_cache") for e in self.events)
 
-    def reset_encoder_cache(self):
-        self.resets += 1
-
-    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+    def answer(self, req, sp):
         tok = self.processor.tokenizer
-        outs = []
-        for req, sp in zip(prompts, sampling_params, strict=True):
-            enc = self.processor(text=[req["prompt"]], images=[req["multi_modal_data"]["image"]], return_tensors="pt")
-            bad = [tok.encode(w, add_special_tokens=False) for w in sp.bad_words]
-            n = enc["input_ids"].shape[1]
-            comps = []
-            for j in range(sp.n):
-                with torch.random.fork_rng(devices=[]), torch.no_grad():
-                    torch.manual_seed(sp.seed + j)
-                    seq = self.model.generate(**enc, do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0,
-                                              max_new_tokens=sp.max_tokens, bad_words_ids=bad,
-                                              eos_token_id=sp.stop_token_ids, pad_token_id=tok.pad_token_id)
-                    ids = seq[0, n:].tolist()
-                    if sp.stop_token_ids[0] in ids:  # generate pads after the stop; vLLM does not
-                        ids = ids[:ids.index(sp.stop_token_ids[0]) + 1]
-                    full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
-                    logits = self.model(input_ids=full, attention_mask=torch.ones_like(full),
-                                        pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                                        mm_token_type_ids=torch.cat([enc["mm_token_type_ids"],
-                                                                     torch.zeros(1, len(ids), dtype=torch.long)], 1)
-                                        ).logits[0, n - 1:n - 1 + len(ids)].float() / sp.temperature
-                    lp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].tolist()
-                steps = [{t: FakeLogprob(v + self.logprob_shift)} for t, v in zip(ids, lp, strict=True)]
-                comps.append(FakeCompletion(ids, steps))
-            outs.append(FakeRequestOutput(enc["input_ids"][0].tolist(), comps))
-        return outs
+        enc = self.processor(text=[req["prompt"]], images=[req["multi_modal_data"]["image"]], return_tensors="pt")
+        bad = [tok.encode(w, add_special_tokens=False) for w in sp.bad_words]
+        n = enc["input_ids"].shape[1]
+        comps = []
+        for j in range(sp.n):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(sp.seed + j)
+                seq = self.model.generate(**enc, do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0,
+                                          max_new_tokens=sp.max_tokens, bad_words_ids=bad,
+                                          eos_token_id=sp.stop_token_ids, pad_token_id=tok.pad_token_id)
+                ids = seq[0, n:].tolist()
+                if sp.stop_token_ids[0] in ids:  # generate pads after the stop; vLLM does not
+                    ids = ids[:ids.index(sp.stop_token_ids[0]) + 1]
+                full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
+                logits = self.model(input_ids=full, attention_mask=torch.ones_like(full),
+                                    pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                                    mm_token_type_ids=torch.cat([enc["mm_token_type_ids"],
+                                                                 torch.zeros(1, len(ids), dtype=torch.long)], 1)
+                                    ).logits[0, n - 1:n - 1 + len(ids)].float() / sp.temperature
+                lp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].tolist()
+            comps.append(fake_vllm.completion(ids, [v + self.logprob_shift for v in lp], index=j))
+        return fake_vllm.RequestOutput("0", req["prompt"], enc["input_ids"][0].tolist(), None, comps)
 
 
 def vllm_cfg(model_dir, out, **kw) -> DistillConfig:
@@ -413,10 +444,10 @@ def vllm_cfg(model_dir, out, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm, tiny_model_dir, tmp_path):
-    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm_module, tiny_model_dir, tmp_path):
+    fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
     d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "run"))
-    [(kwargs, llm)] = fake_vllm.made  # built by the trainer from the config, at start
+    [(kwargs, llm)] = fake_vllm_module.made  # built by the trainer from the config, at start
     assert kwargs["gpu_memory_utilization"] == 0.4 and kwargs["seed"] == 0 and kwargs["model"] == str(tiny_model_dir)
     assert isinstance(d.engine, VLLMRolloutEngine) and d.engine.eos_ids == [eos_id(d.processor)]
     start = {n: p.detach().clone() for n, p in d.model.named_parameters()}
@@ -434,9 +465,9 @@ def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm, tiny_
         assert s.is_weight == pytest.approx(1.0, abs=1e-4) and s.tokens > 0 and math.isfinite(s.grad_norm)
 
 
-def test_without_the_sync_vllm_goes_stale_and_the_weight_shows_it(fake_vllm, tiny_model_dir, tmp_path):
+def test_without_the_sync_vllm_goes_stale_and_the_weight_shows_it(fake_vllm_module, tiny_model_dir, tmp_path):
     """The control for the test above: the same run with a sync that does nothing."""
-    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+    fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
     d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "stale"))
     d.engine.sync_weights = lambda model: None
     first, second = d.train_step(0), d.train_step(1)
@@ -444,28 +475,28 @@ def test_without_the_sync_vllm_goes_stale_and_the_weight_shows_it(fake_vllm, tin
     assert abs(second.is_weight - 1.0) > 1e-3
 
 
-def test_importance_weight_uses_the_returned_logprobs(fake_vllm, tiny_model_dir, tmp_path):
+def test_importance_weight_uses_the_returned_logprobs(fake_vllm_module, tiny_model_dir, tmp_path):
     """vLLM reporting every token 1.5× less likely than the student finds it: each weight is exactly 1.5."""
-    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"], logprob_shift=-math.log(1.5))
+    fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(logprob_shift=-math.log(1.5), **kw)
     d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "shift", steps=1))
     assert d.train_step(0).is_weight == pytest.approx(1.5, abs=1e-3)
 
 
-def test_lora_run_syncs_the_merged_adapter_and_resume_resyncs(fake_vllm, tiny_model_dir, tmp_path):
-    fake_vllm.state["factory"] = lambda **kw: HFBackedLLM(kw["model"])
+def test_lora_run_syncs_the_merged_adapter_and_resume_resyncs(fake_vllm_module, tiny_model_dir, tmp_path):
+    fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
     cfg = vllm_cfg(tiny_model_dir, tmp_path / "lora", lora=True, lora_rank=4, steps=1, save_every=1)
     d = Distiller(cfg)
     d.train_step(0)
     d.step = 1
     d.save_state()
-    llm = fake_vllm.made[-1][1]
+    llm = fake_vllm_module.made[-1][1]
     merged = dict(copy.deepcopy(d.model).merge_and_unload().named_parameters())
     for n, p in llm.params.items():
         torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
     assert all(k.endswith(".weight") and "lora" not in k for k in llm.loaded[0])
     # a resumed run starts a fresh vLLM from the starting checkpoint: the trainer syncs it before any rollout
     resumed = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "lora", lora=True, lora_rank=4, steps=2, save_every=1))
-    fresh = fake_vllm.made[-1][1]
+    fresh = fake_vllm_module.made[-1][1]
     assert resumed.step == 1 and len(fresh.loaded) == 1
     for n, p in fresh.params.items():
         torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)

@@ -266,11 +266,22 @@ def failures(records: Iterable[RecordLike]) -> list[dict]:
     `answer` is kept for people reading the file; the trainer never reads it (it learns from the model's own
     crop-view distribution, not from the label).
     """
+    return _crop_right(records, full_right=False)
+
+
+def both_right(records: Iterable[RecordLike]) -> list[dict]:
+    """The cases the model already reads on both views (full right, crop right), in the same form as
+    `failures`: `vopd distill --replay` mixes a share of them into training on failures, so that the adapter
+    also sees prompts whose answer must not move."""
+    return _crop_right(records, full_right=True)
+
+
+def _crop_right(records: Iterable[RecordLike], *, full_right: bool) -> list[dict]:
     df = records_frame(records)
     if df.empty:
         return []
     keys = ["benchmark", "sample_id"]
-    full = df[(df["view"] == "full") & df["valid"] & ~df["right"]]
+    full = df[(df["view"] == "full") & df["valid"] & (df["right"] == full_right)]
     crop = df[(df["view"] == "crop") & df["valid"] & df["right"]][[*keys, "response", "parsed", "boxes"]]
     both = full.merge(crop, on=keys, suffixes=("", "_crop")).sort_values(keys)
     return [{

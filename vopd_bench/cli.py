@@ -103,7 +103,7 @@ def gap_report(
         judge=judge, focus=focus,
     )
     result = run_gap_report(cfg)
-    if not quiet:
+    if not quiet and result.summary is not None:  # under torchrun, rank 0 alone has the merged summary
         print_summary(result.summary)
         console.print(f"Report: {result.out_dir / 'report.md'}")
     console.print(result.timings.one_line(), highlight=False, soft_wrap=True)  # also with -q: one line
@@ -199,6 +199,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; finished work is saved, rerun the same command to resume")
         sys.exit(130)
+    finally:
+        from vopd_bench import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

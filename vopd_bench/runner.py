@@ -7,6 +7,7 @@ is a small function elsewhere.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import threading
@@ -20,8 +21,9 @@ from typing import Any
 from PIL import Image
 
 from vopd_bench import benchmarks as bench_registry
-from vopd_bench import geometry, views
+from vopd_bench import distributed, geometry, views
 from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
+from vopd_bench.backends.base import decoding_settings
 from vopd_bench.benchmarks.spec import BenchmarkSpec
 from vopd_bench.context import PromptLength
 from vopd_bench.errors import SampleError, VopdError
@@ -29,7 +31,7 @@ from vopd_bench.folder_lock import output_lock
 from vopd_bench.images import image_ref, load_image
 from vopd_bench.records import Record, record_key
 from vopd_bench.samples import BadSample, Sample
-from vopd_bench.store import RecordStore
+from vopd_bench.store import RecordStore, merge_shards, shard_path
 from vopd_bench.timings import RunTimings
 from vopd_bench.views import ViewConfig
 
@@ -351,13 +353,16 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
         raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
-    with output_lock(cfg.out_dir()):
+    with output_lock(cfg.out_dir()):  # the ranks of one torchrun job share it
         return _run_locked(cfg, backend, on_batch, t0)
 
 
 def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callable[[int], None] | None,
                 t0: float) -> GapReportResult:
     timings = RunTimings()
+    # Under torchrun every rank plans the same work, asks its own share and appends to its own record file;
+    # rank 0 merges them and writes the outputs. The collectives are barriers and small objects: gloo suffices.
+    place = distributed.init(backend="gloo")
     loaded = [bench_registry.load(name, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed) for name in cfg.benchmarks]
     own_backend = backend is None
     if backend is None and (cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views)):
@@ -367,7 +372,7 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     if backend is None:
         t_load = time.perf_counter()
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
-                              batch_size=cfg.batch_size, **cfg.backend_options)
+                              batch_size=cfg.batch_size, **_rank_backend_options(cfg, place))
         timings.model_load_seconds = time.perf_counter() - t_load
     if cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views):
         from vopd_bench import attention
@@ -381,35 +386,42 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     fingerprint = backend.fingerprint()
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs)
     out_dir = cfg.out_dir()
-    store = RecordStore(out_dir / "samples.jsonl")
+    records_path = out_dir / "samples.jsonl"
 
     plans = {lb.name: plan_benchmark(lb.spec, lb.samples, cfg, fingerprint, gen) for lb in loaded}
-    if cfg.force:
-        store.drop(p.key for ps in plans.values() for p in ps)
+    if place.is_main:
+        merge_shards(records_path)  # what the ranks of a killed run had finished, whatever its world size was
+        store = RecordStore(records_path)
+        if cfg.force:
+            store.drop(p.key for ps in plans.values() for p in ps)
+    distributed.barrier()
+    if not place.is_main:
+        store = RecordStore(records_path)  # read only: rank 0 has just cleaned it
+    # single process: answers go straight into samples.jsonl; under torchrun into this rank's own file
+    writer = RecordStore(shard_path(records_path, place.rank)) if place.enabled else store
 
-    judge = None
-    if cfg.judge:
-        from vopd_bench.judge import Judge
-
-        judge = Judge(cfg.judge["base_url"], cfg.judge["model"], api_key_env=cfg.judge.get("api_key_env", "OPENAI_API_KEY"),
-                      cache_path=out_dir / "judge_cache.jsonl")
+    # under torchrun rank 0 judges everything once, after the merge (one judge cache, one writer)
+    judge = _make_judge(cfg, out_dir) if not place.enabled else None
     # The analysis and plotting libraries take ~1.5 s to import: do it while the backend works.
     threading.Thread(target=_import_reporting, name="vopd-import", daemon=True).start()
-    progress = _Progress(cfg.quiet)
+    progress = _Progress(cfg.quiet or not place.is_main)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
-    batcher = _Batcher(backend, gen, store, progress, batch_size, on_batch, timings, judge)
+    batcher = _Batcher(backend, gen, writer, progress, batch_size, on_batch, timings, judge)
     batcher.view_config = cfg.view_config
-    todo: list[list[_Planned]] = []  # per sample, the views still to ask
+    todo: list[list[_Planned]] = []  # per sample, the views still to ask (this rank's share)
     for lb in loaded:
-        for view in cfg.views:
-            of_view = [p for p in plans[lb.name] if p.view == view]
-            if of_view:
-                progress.add(lb.name, view, len(of_view), sum(store.done(p.key) for p in of_view))
         by_sample: dict[str, list[_Planned]] = defaultdict(list)
         for p in plans[lb.name]:
             if not store.done(p.key):
                 by_sample[p.sample.id].append(p)
-        todo += by_sample.values()
+        mine = rank_share(list(by_sample.values()), batch_size, place.rank, place.world_size)
+        for view in cfg.views:
+            of_view = [p for p in plans[lb.name] if p.view == view]
+            if of_view:
+                left = sum(p.view == view for views_of_sample in mine for p in views_of_sample)
+                progress.add(lb.name, view, sum(store.done(p.key) for p in of_view) + left,
+                             sum(store.done(p.key) for p in of_view))
+        todo += mine
     lengths: PromptLength | None = getattr(backend, "prompt_length", None)
     # --focus maps boxes into the view image, so it keeps every image at its full size
     view_pixels = None if cfg.focus else getattr(backend, "view_pixels", None)
@@ -424,10 +436,18 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
         batcher.flush_all()
     finally:
         progress.stop()
-        store.compact()
+        writer.compact()
         if own_backend:
             backend.close()
 
+    if place.enabled:
+        distributed.barrier()  # every rank's share is on disk
+        if not place.is_main:
+            timings.wall_seconds = timings.ask_seconds = time.perf_counter() - t0
+            return GapReportResult(out_dir, None, [], timings)
+        merge_shards(records_path)
+        store = RecordStore(records_path)
+        judge = _make_judge(cfg, out_dir)
     records = [store.records[p.key] for ps in plans.values() for p in ps if p.key in store.records]
     if judge is not None:  # judge what an earlier run left undecided, or a failed judge call
         todo = [r for r in records if judge.needs_judge(r)]
@@ -444,6 +464,40 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     info["timings"] = timings.as_dict()
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return GapReportResult(out_dir, summary, records, timings)
+
+
+def _make_judge(cfg: GapReportConfig, out_dir: Path) -> Any:
+    if not cfg.judge:
+        return None
+    from vopd_bench.judge import Judge
+
+    return Judge(cfg.judge["base_url"], cfg.judge["model"], api_key_env=cfg.judge.get("api_key_env", "OPENAI_API_KEY"),
+                 cache_path=out_dir / "judge_cache.jsonl")
+
+
+def rank_share(todo: list[list[_Planned]], batch_size: int, rank: int, world_size: int) -> list[list[_Planned]]:
+    """This rank's part of one benchmark's remaining work (per sample, its views still to ask).
+
+    The work is cut into blocks of `batch_size` samples, dealt out round-robin. A block becomes one batch per
+    view, exactly the batch a single process would form, so any world size asks the backend the same batches
+    and gets the same answers, even from a backend whose numerics depend on what else is in the batch.
+    """
+    blocks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    return [s for k, block in enumerate(blocks) if k % world_size == rank for s in block]
+
+
+def _rank_backend_options(cfg: GapReportConfig, place: distributed.Place) -> dict[str, Any]:
+    """The backend options, with this rank's GPU under torchrun (a single process keeps its own choice)."""
+    options = dict(cfg.backend_options)
+    if place.enabled and place.device.startswith("cuda"):
+        if cfg.backend == "hf":
+            options.setdefault("device", place.device)
+        elif cfg.backend == "vllm":
+            # vLLM's engine process takes the first visible GPU: make that this rank's
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(place.local_rank + 1)]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[place.local_rank]
+    return options
 
 
 def _import_reporting() -> None:
@@ -469,6 +523,9 @@ def write_outputs(out_dir: Path, cfg: GapReportConfig, loaded: list, records: li
         if avg:
             summary = pd.concat([summary, pd.DataFrame(avg)], ignore_index=True)
     summary.to_csv(out_dir / "summary.csv", index=False)
+    with (out_dir / "both_right.jsonl").open("w", encoding="utf-8") as f:  # for `vopd distill --replay`
+        for row in analysis.both_right(records):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with (out_dir / "failures.jsonl").open("w", encoding="utf-8") as f:
         for row in analysis.failures(records):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -503,6 +560,7 @@ def run_info(cfg: GapReportConfig, loaded: list, fingerprint: str, gen: Generati
         "config": config,
         "seed": cfg.seed,
         "generation": gen.as_dict(),
+        "decoding": decoding_settings(gen),  # what every backend applies; the model's sampling defaults do not
         "model": cfg.model,
         "model_fingerprint": fingerprint,
         "benchmarks": {lb.name: {"source": lb.spec.source, "n_samples": len(lb.samples)} for lb in loaded},

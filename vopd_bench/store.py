@@ -15,6 +15,35 @@ from pathlib import Path
 from vopd_bench.records import Record
 
 
+def shard_path(path: str | Path, rank: int) -> Path:
+    """The record file of one rank of a torchrun job: samples.jsonl -> samples.rank3.jsonl."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+
+
+def merge_shards(path: str | Path) -> int:
+    """Fold every rank's record file left beside `path` into it, then delete them; returns how many records
+    were merged.
+
+    Safe to interrupt at any point: the shards are deleted only after the merged file is fsynced, and merging a
+    shard twice changes nothing (one record per key, the later one winning).
+    """
+    p = Path(path)
+    shards = sorted(p.parent.glob(f"{p.stem}.rank*{p.suffix}"))
+    if not shards:
+        return 0
+    store = RecordStore(p)
+    n = 0
+    for shard in shards:
+        records = list(RecordStore(shard).records.values())
+        store.append(records)
+        n += len(records)
+    store.compact()
+    for shard in shards:
+        shard.unlink()
+    return n
+
+
 class RecordStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)

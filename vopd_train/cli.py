@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from vopd_train.config import TOY_PRESET, DistillConfig, resolve
+from vopd_train.config import TOY_FAILURES_PRESET, TOY_PRESET, DistillConfig, resolve
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 console = Console()
@@ -40,7 +40,8 @@ HELP = (
 def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, engine: Any = None,
                 show: Console | None = None) -> dict[str, Any]:
     """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}.
-    The output folder is locked for the whole run: a second run on it is refused."""
+    The output folder is locked for the whole run: a second run on it is refused (the ranks of one torchrun job
+    share it)."""
     from vopd_bench.folder_lock import output_lock
 
     with output_lock(cfg.validate().out):
@@ -49,39 +50,57 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
 
 def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: Any,
                  show: Console | None) -> dict[str, Any]:
+    from vopd_bench import distributed
     from vopd_train.remeasure import held_out_benchmarks, remeasure
     from vopd_train.trainer import Distiller
 
     out = show or console
+    if distributed.place_from_env().rank != 0:  # under torchrun rank 0 alone prints
+        out = Console(quiet=True)
     if preset:
         out.print("[bold]toy preset:[/] " + ", ".join(f"{k}={v}" for k, v in preset.items()), highlight=False, soft_wrap=True)
     display = _Display(out, cfg)
-    trainer = Distiller(cfg, engine=engine, on_step=display.update, preset=preset)
+    trainer = Distiller(cfg, engine=engine, on_step=display.update, preset=preset, on_eval=display.evaluated,
+                        on_note=lambda msg: out.print(msg, highlight=False, soft_wrap=True))
     if trainer.step:
         out.print(f"resuming {cfg.out} at step {trainer.step}/{trainer.total_steps}", highlight=False, soft_wrap=True)
     out.print(f"{len(trainer.data.prompts)} prompts ({len(trainer.skipped)} skipped), {trainer.total_steps} steps, "
               f"teacher {cfg.teacher}, {'LoRA' if cfg.lora else 'full fine-tuning'}, device {trainer.device}",
               highlight=False, soft_wrap=True)
+    if trainer.n_replay:
+        from vopd_train.data import replay_count
+
+        out.print(f"replay: {trainer.n_replay} both-right cases, {replay_count(cfg.batch_size, cfg.replay)} of "
+                  f"every {cfg.batch_size} prompts", highlight=False, soft_wrap=True)
+    if trainer.validator is not None:
+        kept = "the last weights" if trainer.best is None else f"the best by {cfg.keep_best}"
+        out.print(f"evaluating every {cfg.eval_every} steps on {', '.join(trainer.validator.names)} "
+                  f"(n={trainer.validator.n_samples}); model/ keeps {kept}", highlight=False, soft_wrap=True)
     display.start(trainer.step, trainer.total_steps)
     try:
         result = trainer.train()
     finally:
         display.stop()
     out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False, soft_wrap=True)
+    if result.best is not None:
+        out.print(f"kept step {result.best.step} of {trainer.step}: {result.best.why()}, "
+                  f"{cfg.keep_best} {100 * result.best.score:.1f} ({_eval_text(result.best.metrics)}); "
+                  "recorded in config.yaml", highlight=False, soft_wrap=True)
 
     measured = None
     if cfg.remeasure:
-        benches = held_out_benchmarks(trainer.data.kind, trainer.data.benchmarks, cfg.eval_benchmarks)
+        benches = held_out_benchmarks(trainer.data.kind, trainer.data.benchmarks, cfg.remeasure_benchmarks)
         if not benches:
-            out.print("re-measure skipped: no held-out benchmark known for this data; pass --eval-benchmarks")
+            out.print("re-measure skipped: no held-out benchmark known for this data; pass --remeasure-benchmarks")
         else:
             del trainer  # free the training copies before two more models are loaded
-            measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.eval_limit,
+            measured = remeasure(cfg.model, result.model_dir, benches, Path(cfg.out), limit=cfg.remeasure_limit,
                                  batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                                  trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet, data_dir=cfg.data_dir,
                                  focus=cfg.focus)
-            print_before_after(measured.table, out)
-            out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
+            if measured is not None:  # None on the other ranks of a torchrun job
+                print_before_after(measured.table, out)
+                out.print(f"before/after: {measured.csv}", highlight=False, soft_wrap=True)
     return {"train": result, "remeasure": measured}
 
 
@@ -125,9 +144,20 @@ class _Display:
         elif s.step % self.cfg.log_every == 0 or s.step == self.total:
             self.out.print(f"step {s.step}/{self.total}  {metrics}", highlight=False, soft_wrap=True)
 
+    def evaluated(self, row: dict) -> None:
+        mark = "  ★ best so far" if row.get("best") else ""
+        self.out.print(f"eval step {row['step']}/{self.total}: {_eval_text(row)}{mark}", highlight=False,
+                       soft_wrap=True)
+
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _eval_text(m: dict) -> str:
+    box = f"  box {100 * m['acc_box']:.1f}" if m.get("acc_box") is not None else ""
+    return (f"full {100 * m['acc_full']:.1f}  crop {100 * m['acc_crop']:.1f}{box}  gap {100 * m['gap']:+.1f}  "
+            f"mean {100 * m['mean_full_crop']:.1f}  (n={m['n']})")
 
 
 def _option_params() -> list[inspect.Parameter]:
@@ -165,6 +195,8 @@ _config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, anno
                                                        "below, with - or _); flags given here override it."))
 distill_command.__signature__ = inspect.Signature([_model_param, _config_param, *_option_params()])  # type: ignore[attr-defined]
 distill_command.__annotations__ = {p.name: p.annotation for p in distill_command.__signature__.parameters.values()}  # type: ignore[attr-defined]
-_HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items()))
+_HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items())
+                    + "; on a gap-report failures.jsonl also "
+                    + ", ".join(f"{k} {v}" for k, v in TOY_FAILURES_PRESET.items()))
 distill_command.__doc__ = _HELP
 app.command("distill", help=_HELP)(distill_command)

@@ -17,6 +17,7 @@ STUDENT_VIEWS = ("full", "box")
 OBJECTIVES = ("logits", "sampled-token")
 REDUCTIONS = ("seq-mean", "token-mean")
 ROLLOUT_ENGINES = ("hf", "vllm")
+KEEP_BEST = ("mean_full_crop", "full", "last")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -80,6 +81,13 @@ class DistillConfig:
     teacher_rate: float = _opt(0.05, "EMA rate (teacher ← (1−r)·teacher + r·student after each update) or the "
                                      "trust-region mixing weight.")
 
+    # views the student already reads well
+    crop_anchor: float = _opt(0.0, "Weight of the crop anchor: KL(starting model ‖ student) on the crop view, at the "
+                                   "same response tokens, added to the loss so that training on the full view does "
+                                   "not bend the crop view (0 = off). Costs one more student forward and backward.")
+    replay: float = _opt(0.0, "Share of each batch drawn from cases the model already answers right on both views "
+                              "(gap-report's both_right.jsonl, next to the failures.jsonl given as --data); 0 = off.")
+
     # optimisation
     steps: int | None = _opt(None, "Optimizer steps; none = one pass over the prompts.")
     batch_size: int = _opt(16, "Prompts per step (each gets --n-rollouts responses).")
@@ -114,14 +122,26 @@ class DistillConfig:
     quiet: bool = _opt(False, "No live display; one line per --log-every steps.")
     log_every: int = _opt(10, "Print a line every this many steps when not live.")
 
+    # validation during training, best checkpoint
+    eval_every: int | None = _opt(None, "Evaluate the model in place every this many steps (and before the first "
+                                        "and after the last): accuracy on the full, crop and box views of "
+                                        "--eval-benchmarks, logged, plotted and printed. None = no evaluation.")
+    eval_benchmarks: str = _opt("", "Comma-separated validation benchmarks of --eval-every; none = synthetic:validation "
+                                    "when training on synthetic data.")
+    eval_limit: int | None = _opt(None, "Ask at most this many samples per validation benchmark.")
+    keep_best: str = _opt("mean_full_crop", "With --eval-every, OUT/model gets the evaluated weights that score "
+                                            "highest: `mean_full_crop` (mean of full and crop accuracy), `full` "
+                                            "(full accuracy) or `last` (the last weights, no selection).")
+    keep_last: bool = _opt(False, "Also write the last weights to OUT/model_last when OUT/model holds the best.")
+    eval_batch_size: int = _opt(16, "Batch size of the evaluations and the re-measure.")
+    eval_max_new_tokens: int = _opt(32, "Longest answer in the evaluations and the re-measure.")
+
     # re-measure
     remeasure: bool = _opt(True, "After training, run gap-report on the held-out split for the starting model and "
                                  "the result, and write before_after.csv.")
-    eval_benchmarks: str = _opt("", "Comma-separated held-out benchmarks for the re-measure; none = the synthetic "
-                                    "test split when training on synthetic data.")
-    eval_limit: int | None = _opt(None, "Ask at most this many samples per held-out benchmark.")
-    eval_batch_size: int = _opt(16, "Batch size of the re-measure.")
-    eval_max_new_tokens: int = _opt(32, "Longest answer in the re-measure.")
+    remeasure_benchmarks: str = _opt("", "Comma-separated held-out benchmarks for the re-measure; none = the "
+                                         "synthetic test split when training on synthetic data.")
+    remeasure_limit: int | None = _opt(None, "Ask at most this many samples per held-out benchmark in the re-measure.")
     focus: bool = _opt(False, "Re-measure with gap-report --focus: before_after.csv also compares the attention "
                               "on the evidence (focus_<view> rows) before and after.")
 
@@ -152,6 +172,11 @@ class DistillConfig:
         need(self.rollout_engine in ROLLOUT_ENGINES, f"--rollout-engine must be one of {', '.join(ROLLOUT_ENGINES)}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
         need(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1, "--vllm-max-model-len must be ≥ 1")
+        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be ≥ 1")
+        need(self.keep_best in KEEP_BEST, f"--keep-best must be one of {', '.join(KEEP_BEST)}")
+        need(self.crop_anchor >= 0, "--crop-anchor must be ≥ 0")
+        need(0.0 <= self.replay < 1.0, "--replay must be in [0, 1)")
+        need(self.replay == 0 or self.batch_size >= 2, "--replay needs --batch-size ≥ 2 (one mined, one replayed)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,9 +189,10 @@ class DistillConfig:
 
 
 # Fields that do not change the trained weights: a resumed run may change them freely.
-NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "eval_benchmarks", "eval_limit",
-                "eval_batch_size", "eval_max_new_tokens", "out", "threads", "vllm_gpu_memory_utilization",
-                "vllm_sleep_mode", "focus"}
+# The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
+NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
+                "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
+                "focus"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.
@@ -182,11 +208,20 @@ TOY_PRESET: dict[str, Any] = {
     "warmup_steps": 10,
     "topk": 0,
     "threads": 1,
+    "eval_every": 50,
+    "eval_limit": 128,
 }
+# On mined failures (a gap-report failures.jsonl) the toy also gets what kept its crop view there: the crop anchor
+# (benchmarks/README.md, "Training on mined failures"; replay did not).
+TOY_FAILURES_PRESET: dict[str, Any] = {"crop_anchor": 0.3}
 
 
-def preset_for(model: str) -> dict[str, Any]:
-    return dict(TOY_PRESET) if model == "toy" else {}
+def preset_for(model: str, data: str = "") -> dict[str, Any]:
+    if model != "toy":
+        return {}
+    path = Path(data).expanduser() if data else None
+    mined = path is not None and path.suffix == ".jsonl" and path.is_file()
+    return {**TOY_PRESET, **(TOY_FAILURES_PRESET if mined else {})}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -212,12 +247,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def resolve(model: str, overrides: dict[str, Any], config_file: str | None = None) -> tuple[DistillConfig, dict]:
     """Build the config: defaults < toy preset < YAML < `overrides` (None = not given). Returns it and the preset
     values that ended up in force (for printing and recording)."""
-    values: dict[str, Any] = {}
-    preset = preset_for(model)
-    values.update(preset)
-    if config_file:
-        values.update(load_yaml(config_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = load_yaml(config_file) if config_file else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    preset = preset_for(model, str(given.get("data") or ""))
+    values: dict[str, Any] = {**preset, **given}
     values["model"] = model
     cfg = DistillConfig(**_coerce(values)).validate()
     in_force = {k: v for k, v in preset.items() if getattr(cfg, k) == v}
@@ -236,7 +269,8 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
                 raise VopdError(f"option {k} must be true or false, got {v!r}")
             if isinstance(default, float) and isinstance(v, (int, str)) and not isinstance(v, bool):
                 v = float(v)
-            elif k in ("steps", "data_limit", "eval_limit", "threads", "vllm_max_model_len") and v is not None:
+            elif k in ("steps", "data_limit", "eval_limit", "remeasure_limit", "eval_every", "threads",
+                       "vllm_max_model_len") and v is not None:
                 v = int(v)
         except ValueError:
             raise VopdError(f"option {k}: cannot read {v!r} as a number") from None

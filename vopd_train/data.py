@@ -67,6 +67,28 @@ def load_prompts(source: str, *, student_view: str = "full", view_config: ViewCo
     return out
 
 
+REPLAY_FILE = "both_right.jsonl"
+
+
+def replay_source(data: str) -> Path:
+    """The both-right cases gap-report writes next to the failures.jsonl that `data` names (`--replay`)."""
+    path = Path(data).expanduser()
+    if not (path.suffix == ".jsonl" and path.is_file()):
+        raise VopdError("--replay needs --data to be a gap-report failures.jsonl, with its both_right.jsonl beside it")
+    replay = path.with_name(REPLAY_FILE)
+    if not replay.is_file():
+        raise VopdError(f"--replay: {replay} not found; gap-report writes it next to failures.jsonl (rerun it "
+                        "with the full and crop views)")
+    return replay
+
+
+def replay_count(batch_size: int, share: float) -> int:
+    """Prompts per step drawn from the replay set: the share of the batch, at least 1, leaving at least 1 mined."""
+    if share <= 0:
+        return 0
+    return min(batch_size - 1, max(1, round(batch_size * share)))
+
+
 def sample_prompt(sample: Sample, spec: BenchmarkSpec, student_view: str, view_config: ViewConfig,
                   prompt_id: str, full_prompt: str | None = None) -> TrainPrompt:
     """A benchmark sample as a training prompt. The text is built exactly as gap-report builds it."""

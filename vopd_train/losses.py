@@ -98,6 +98,24 @@ def distill_divergence(student_logits: Tensor, teacher_logits: Tensor, *, alpha:
     return bucket_divergence(log_s, log_t, alpha)
 
 
+# The crop anchor is the forward KL(reference ‖ student): it is exactly 0 (not merely small) when the student's
+# logits equal the reference's, so an anchor weight changes nothing until the crop view starts to move, and it
+# covers all of the reference's mass, so no answer the starting model gives on the crop is squeezed out.
+ANCHOR_ALPHA = 0.0
+
+
+def anchor_divergence(student_logits: Tensor, reference_logits: Tensor, *, topk: int | None = 100,
+                      add_tail: bool = True) -> Tensor:
+    """The crop anchor per token: KL(reference ‖ student) between the student on the crop view and the frozen
+    starting model on the same crop, same text, same response prefix (`--crop-anchor`).
+
+    It keeps the view the student already reads well where it was while the full view is trained. The same
+    buckets as `distill_divergence` (the student's top-k + tail, or the full vocabulary); only `student_logits`
+    receives gradients. Exactly 0 where the two logits are equal.
+    """
+    return distill_divergence(student_logits, reference_logits, alpha=ANCHOR_ALPHA, topk=topk, add_tail=add_tail)
+
+
 def sampled_token_loss(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """The sampled-token variant (paper Table 6): a policy gradient whose per-token advantage is the teacher /
     student log-ratio at the token actually sampled.

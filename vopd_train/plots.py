@@ -9,18 +9,38 @@ CURVES = (("divergence", "divergence (per token)"), ("agree", "teacher–student
           ("grad_norm", "gradient norm (before clipping)"), ("lr", "learning rate"))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, *, evals: list[dict] | None = None,
+                best_step: int | None = None) -> None:
+    """The training curves; with evaluations (--eval-every), two more panels: held-out accuracy per view with
+    the kept step marked, and the gap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+    fig, axes = plt.subplots(2, 4 if evals else 3, figsize=(17 if evals else 13, 6.5))
+    panels = list(axes.flat)
+    for ax, (key, title) in zip(panels, CURVES, strict=False):
         ys = [h.get(key) for h in history]
         ax.plot(steps, [float("nan") if y is None else y for y in ys], lw=1.2)
         ax.set_title(title, fontsize=10)
+    if evals:
+        at = [e["step"] for e in evals]
+        acc, gap = panels[len(CURVES)], panels[len(CURVES) + 1]
+        for key, label, colour in (("acc_full", "full", "#2b6cb0"), ("acc_crop", "crop", "#c05621"),
+                                   ("acc_box", "box", "#9aa5b1"), ("mean_full_crop", "mean of full and crop", "black")):
+            ys = [100 * e[key] if e.get(key) is not None else float("nan") for e in evals]
+            acc.plot(at, ys, marker="o", ms=3, lw=1.2, label=label, color=colour,
+                     ls="--" if key == "mean_full_crop" else "-")
+        if best_step is not None:
+            acc.axvline(best_step, color="green", lw=1, ls=":", label=f"kept: step {best_step}")
+        acc.set_title(f"held-out accuracy % (n={evals[-1].get('n')})", fontsize=10)
+        acc.legend(fontsize=7)
+        gap.plot(at, [100 * e["gap"] for e in evals], marker="o", ms=3, lw=1.2, color="#6b46c1")
+        gap.axhline(0, color="black", lw=0.6)
+        gap.set_title("held-out gap = crop − full (points)", fontsize=10)
+    for ax in panels:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -89,7 +89,7 @@ class Remeasure:
 
 def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str], out: Path, *, limit: int | None = None,
               batch_size: int = 16, max_new_tokens: int = 32, trust_remote_code: bool = False,
-              quiet: bool = False, data_dir: str | None = None, focus: bool = False) -> Remeasure:
+              quiet: bool = False, data_dir: str | None = None, focus: bool = False) -> Remeasure | None:
     """Run gap-report for both models (each resumable in its own folder) and write the comparison."""
     from vopd_bench.runner import GapReportConfig, run_gap_report
     from vopd_train.plots import plot_before_after
@@ -100,6 +100,8 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
                               max_new_tokens=max_new_tokens, out=str(out / name),
                               trust_remote_code=trust_remote_code, quiet=quiet, data_dir=data_dir, focus=focus)
         runs[name] = run_gap_report(cfg)
+    if runs["after"].summary is None:  # another rank of a torchrun job: rank 0 has the records and compares
+        return None
     table = before_after_table(runs["before"].records, runs["after"].records)
     if focus:
         import pandas as pd
@@ -117,7 +119,7 @@ def remeasure(base_model: str, trained_model: str | Path, benchmarks: list[str],
 
 
 def held_out_benchmarks(data_kind: str, data_benchmarks: list[str], requested: str) -> list[str]:
-    """`--eval-benchmarks` when given; for synthetic training data the synthetic test split (validation when the
+    """`--remeasure-benchmarks` when given; for synthetic training data the synthetic test split (validation when the
     prompts came from the test split); otherwise none."""
     chosen = [b.strip() for b in requested.split(",") if b.strip()]
     if chosen:
@@ -127,3 +129,21 @@ def held_out_benchmarks(data_kind: str, data_benchmarks: list[str], requested: s
         trained_on_test = any(b in ("synthetic", "synthetic:test") for b in data_benchmarks)
         return ["synthetic:validation" if trained_on_test else "synthetic:test"]
     return []
+
+
+def validation_benchmarks(data_benchmarks: list[str], requested: str, remeasured: list[str]) -> list[str]:
+    """`--eval-benchmarks` when given; for synthetic training data the first synthetic split that is neither trained
+    on nor used by the re-measure (validation, as a rule: choosing a checkpoint on the test split would flatter
+    it); otherwise none."""
+    chosen = [b.strip() for b in requested.split(",") if b.strip()]
+    if chosen:
+        return chosen
+    if not data_benchmarks or not all(b.split(":")[0] == "synthetic" for b in data_benchmarks):
+        return []
+    taken = {_synthetic_split(b) for b in [*data_benchmarks, *remeasured] if b.split(":")[0] == "synthetic"}
+    free = [s for s in ("validation", "train", "test") if s not in taken]
+    return [f"synthetic:{free[0]}"] if free else []
+
+
+def _synthetic_split(name: str) -> str:
+    return name.partition(":")[2] or "test"

@@ -24,6 +24,7 @@ from torch import Tensor
 from vopd_bench.errors import VopdError
 from vopd_bench.families import GENERIC, Family, family_of
 from vopd_bench.modeling import chat_text, encode, first_line, say_once, vision_token_ids
+from vopd_train.sampling import generate_options
 
 
 @dataclass
@@ -126,6 +127,7 @@ class SamplingSettings:
     n: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 1024
+    prompt_seeds: tuple[int, ...] | None = None  # one per prompt: batch-invariant sampling (vopd_train.sampling)
 
 
 @dataclass
@@ -185,8 +187,9 @@ class HFRolloutEngine:
                     feats = self.family.vision_once(backbone(self.model), _to(collate_vision(
                         [p.vision for p in prompts], self.family), device))
                     inputs["mm_encoder_outputs"] = {"image": per_sequence(feats, owner)}
-                out = self.model.generate(**inputs, do_sample=True, temperature=settings.temperature, top_k=0,
-                                          top_p=1.0, max_new_tokens=settings.max_new_tokens,
+                out = self.model.generate(**inputs, **generate_options(settings.prompt_seeds, settings.n,
+                                                                       settings.temperature),
+                                          max_new_tokens=settings.max_new_tokens,
                                           bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
         except torch.OutOfMemoryError:
             raise

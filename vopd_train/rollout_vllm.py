@@ -15,30 +15,42 @@ own copy of the weights, so `sync_weights` has to copy the student into it after
                   `load_weights`, which maps checkpoint names onto its fused layers. Then the prefix and encoder
                   caches are dropped: they hold keys and image features computed with the old weights.
 
-Written against the vLLM ≥ 0.18 offline API (`LLM(..., logprobs_mode=..., enable_sleep_mode=...)`,
-`LLM.generate(prompts, sampling_params=list, use_tqdm=False)`, `SamplingParams(n, temperature, max_tokens, seed,
-logprobs, bad_words, stop_token_ids, detokenize)`, `llm.llm_engine.model_executor.driver_worker` when the engine
-core runs in-process, `LLM.apply_model` otherwise). The tests drive it through a fake engine honouring those calls;
-it has not been run against a real vLLM in this repository's CI, which has no GPU.
+Checked against the vLLM 0.33.0 source (tests/test_vllm_conformance.py runs against the real package): `LLM(...,
+logprobs_mode=..., enable_sleep_mode=..., generation_config="vllm")`, `LLM.generate(prompts, sampling_params=list,
+use_tqdm=False)`, `SamplingParams(...)`, `LLM.collective_rpc(function, args=...)`, `LLM.reset_prefix_cache`,
+`LLM.llm_engine.reset_encoder_cache`, `LLM.sleep(level=1)`, `LLM.wake_up(tags) -> bool`,
+`vllm.exceptions.VLLMValidationError`. Only one layout is supported: the engine core in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on one GPU (tensor parallel size 1). There `collective_rpc` calls a function
+on the worker directly, so the weights are handed over as tensors, never serialised; any other layout is refused
+at start-up. The fakes in tests/fake_vllm.py follow that API; the real paths have not run on a GPU in this
+repository (benchmarks/vllm_gpu_check.sh is the prepared check).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import warnings
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from vopd_bench.backends.vllm import check_temperature, vllm_validation_errors
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import one_line, resolve_model_path, vision_token_ids
 from vopd_train.rollout import EncodedPrompt, Rollout, SamplingSettings
 
 # vLLM tags the memory that `sleep` offloads or drops.
 SLEEP_TAGS = ("weights", "kv_cache")
+# Level 1 offloads the weights to CPU memory and brings them back on wake-up; level 2 discards them. A LoRA sync
+# sends only the adapted layers, so after a level-2 sleep every other layer would be garbage: level 1 it must be.
+SLEEP_LEVEL = 1
+# The engine core must run in this process: `collective_rpc` then calls the sync function on the worker directly
+# (no serialisation of the weights); the multiprocessing core would pickle every tensor of every sync.
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 class VLLMRolloutEngine:
@@ -60,6 +72,9 @@ class VLLMRolloutEngine:
             raise VopdError("the vLLM GPU memory utilization must be in (0, 1]")
         if max_model_len is not None and max_model_len < 1:
             raise VopdError("the vLLM max model length must be positive")
+        if engine_kwargs.get("tensor_parallel_size", 1) != 1:
+            raise VopdError("--rollout-engine vllm runs on one GPU (tensor parallel size 1): the weight sync hands "
+                            "tensors to one in-process worker; use a smaller model or --rollout-engine hf")
         self.processor = processor
         tok = processor.tokenizer
         if eos_token_ids is None:
@@ -80,6 +95,8 @@ class VLLMRolloutEngine:
             "logprobs_mode": "processed_logprobs",
             "enable_sleep_mode": enable_sleep_mode,
             "enable_prefix_caching": True,  # a prompt's n samples prefill once (cache reset on every weight load)
+            # the same decoding policy as the HF engine: the model's generation_config sampling defaults do not apply
+            "generation_config": "vllm",
             **engine_kwargs,
         }
         if max_model_len is not None:
@@ -93,6 +110,7 @@ class VLLMRolloutEngine:
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         gen_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
         eos = gen_eos if gen_eos is not None else processor.tokenizer.eos_token_id
+        check_temperature(cfg.temperature, "--temperature")
         engine = cls(cfg.model, processor, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
                      max_model_len=cfg.vllm_max_model_len, enable_sleep_mode=cfg.vllm_sleep_mode,
                      trust_remote_code=cfg.trust_remote_code,
@@ -118,10 +136,11 @@ class VLLMRolloutEngine:
         # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
         # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, ()).item())
-        params = [self.sampling_params(settings, base + i * settings.n) for i in range(len(prompts))]
+        seeds = settings.prompt_seeds or [base + i * settings.n for i in range(len(prompts))]
+        params = [self.sampling_params(settings, seed) for seed in seeds]
         try:
             outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
-        except ValueError as e:  # vLLM's input checks, e.g. a prompt longer than max_model_len
+        except vllm_validation_errors() as e:  # vLLM's input checks, e.g. a prompt longer than max_model_len
             raise VopdError(f"vLLM rejected a rollout request: {one_line(e)}") from None
         if len(outputs) != len(prompts):
             raise VopdError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
@@ -133,7 +152,7 @@ class VLLMRolloutEngine:
             for completion in out.outputs:
                 rollouts.append(self._rollout(i, completion))
         if self.sleep_mode:
-            llm.sleep(level=1)
+            llm.sleep(level=SLEEP_LEVEL)
             self._asleep = set(SLEEP_TAGS)
         return rollouts
 
@@ -142,8 +161,8 @@ class VLLMRolloutEngine:
         from vllm import SamplingParams
 
         return SamplingParams(n=settings.n, temperature=settings.temperature, max_tokens=settings.max_new_tokens,
-                              seed=seed, logprobs=0, bad_words=self.bad_words or None, stop_token_ids=self.eos_ids,
-                              detokenize=False)
+                              top_p=1.0, top_k=0, repetition_penalty=1.0, seed=seed, logprobs=0,
+                              bad_words=self.bad_words or None, stop_token_ids=self.eos_ids, detokenize=False)
 
     def _check_prompt(self, i: int, prompt: EncodedPrompt, out: Any) -> None:
         """The trainer scores the rollout after its own encoding of the prompt: vLLM must have seen the same ids,
@@ -178,8 +197,10 @@ class VLLMRolloutEngine:
     def _wake(self, *tags: str) -> None:
         asleep = [t for t in tags if t in self._asleep]
         if asleep and self._llm is not None:
-            self._llm.wake_up(tags=asleep)
+            awake = self._llm.wake_up(tags=asleep)
             self._asleep -= set(asleep)
+            if not self._asleep and awake is False:  # vLLM answers whether the engine is fully awake
+                raise VopdError(f"vLLM did not wake up fully after waking {', '.join(asleep)}")
 
     def close(self) -> None:
         """Drop the engine (its GPU memory goes back when it is collected)."""
@@ -199,17 +220,63 @@ def _logprob(entry: Any) -> float:
 
 
 def start_engine(engine_args: dict[str, Any]) -> Any:
-    """`vllm.LLM(**engine_args)` with its engine core in this process, so that `sync_weights` can reach the model
-    (a separate engine process would need the weights serialised across; vLLM refuses that by default)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    """`vllm.LLM(**engine_args)` with its engine core in this process (see MULTIPROCESSING_ENV), after checking that
+    the GPU has the memory share asked for, and with the trainer's random states as they were before."""
+    set_in_process_mode(os.environ)
     try:
         from vllm import LLM
     except ImportError:
         raise VopdError("--rollout-engine vllm needs vLLM: pip install 'vopd[vllm]' (Linux with a CUDA GPU)") from None
+    check_free_gpu_memory(engine_args["gpu_memory_utilization"], *_gpu_memory())
     try:
-        return LLM(**engine_args)
+        with preserved_rng_state():  # building the in-process worker reseeds random, numpy and torch
+            return LLM(**engine_args)
     except Exception as e:  # noqa: BLE001 - any start-up failure is a run-level error with one readable line
         raise VopdError(f"vLLM could not load {engine_args['model']!r}: {type(e).__name__}: {one_line(e)}") from None
+
+
+def set_in_process_mode(environ: Any) -> None:
+    """Set `VLLM_ENABLE_V1_MULTIPROCESSING=0`, refusing a user setting that asks for the other mode."""
+    value = environ.get(MULTIPROCESSING_ENV)
+    if value is not None and value.strip() not in ("0", ""):
+        raise VopdError(f"{MULTIPROCESSING_ENV}={value} is set, but --rollout-engine vllm needs vLLM's engine in "
+                        f"this process for the weight sync: unset it or set it to 0")
+    environ[MULTIPROCESSING_ENV] = "0"
+
+
+def check_free_gpu_memory(share: float, free: int | None, total: int | None) -> None:
+    """vLLM claims `share` of the GPU's *total* memory; what the trainer already holds is not available to it."""
+    if free is None or total is None or total <= 0:
+        return
+    if free < share * total:
+        gib = 2**30
+        raise VopdError(f"--vllm-gpu-memory-utilization {share} asks for {share * total / gib:.1f} GiB of the GPU's "
+                        f"{total / gib:.1f} GiB but only {free / gib:.1f} GiB is free: lower it to at most "
+                        f"{int(free / total * 100) / 100:.2f} or free memory (smaller model, --lora, fewer rollouts)")
+
+
+def _gpu_memory() -> tuple[int | None, int | None]:
+    if not torch.cuda.is_available():
+        return None, None
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+@contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """The states of Python's, numpy's and torch's (CPU and CUDA) generators restored on exit."""
+    import numpy as np
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 # ---------------------------------------------------------------------- weight export
@@ -229,6 +296,10 @@ def export_weights(model: Any) -> dict[str, Tensor]:
     else:
         hf = model
         weights = _drop_tied(model.state_dict(), model)
+    # under FSDP each rank holds shards: gather every tensor whole (one collective each, the same order on all ranks)
+    from torch.distributed.tensor import DTensor
+
+    weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in weights.items()}
     return _checkpoint_names(hf, weights)
 
 
@@ -281,40 +352,22 @@ def _checkpoint_names(hf: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return revert_weight_conversion(hf, weights)
 
 
-def driver_model(llm: Any) -> Any:
-    """vLLM's model object when its engine core runs in this process, else None."""
-    executor = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
-    worker = getattr(executor, "driver_worker", None)
-    worker = getattr(worker, "worker", worker)  # a WorkerWrapperBase wraps the worker in newer versions
-    return getattr(getattr(worker, "model_runner", None), "model", None)
+def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
+    """Runs on vLLM's worker through `LLM.collective_rpc` (which passes the worker first): the model's own
+    `load_weights` maps checkpoint names onto its fused layers. A module-level function, so that it is never a
+    pickled closure; returns only a count, as vLLM sends each worker's result back."""
+    worker.get_model().load_weights(iter(weights))
+    return len(weights)
 
 
 def load_into_engine(llm: Any, weights: dict[str, Tensor]) -> None:
-    """Hand `weights` (checkpoint names) to vLLM's `load_weights`, then drop the caches the old weights filled."""
-    model = driver_model(llm)
-    if model is not None and callable(getattr(model, "load_weights", None)):
-        model.load_weights(iter(weights.items()))
-    elif callable(getattr(llm, "apply_model", None)):
-        items = list(weights.items())
-
-        def load(m: Any) -> None:  # returns nothing: vLLM sends each worker's result back
-            m.load_weights(iter(items))
-
-        llm.apply_model(load)
-    else:
-        raise VopdError("cannot push weights into this vLLM engine: it exposes neither an in-process model "
-                        "(llm.llm_engine.model_executor.driver_worker) nor LLM.apply_model")
-    for owner in (llm, getattr(llm, "llm_engine", None)):
-        if owner is not None and callable(getattr(owner, "reset_prefix_cache", None)):
-            owner.reset_prefix_cache()
-            break
-    for owner in (llm, getattr(llm, "llm_engine", None)):
-        if owner is not None and callable(getattr(owner, "reset_encoder_cache", None)):
-            owner.reset_encoder_cache()
-            break
-    else:
-        warnings.warn("this vLLM has no reset_encoder_cache: image features cached before the weight sync may be "
-                      "reused", stacklevel=2)
+    """Hand `weights` (checkpoint names) to vLLM's worker, then drop the caches the old weights filled: the prefix
+    cache (keys and values) and the encoder cache (image features; it lives on `LLM.llm_engine`). The multimodal
+    processor cache holds preprocessed pixels, which no weight changes, so it stays."""
+    llm.collective_rpc(load_weights_on_worker, args=(list(weights.items()),))
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
-__all__ = ["VLLMRolloutEngine", "driver_model", "vllm_request", "export_weights", "load_into_engine", "start_engine"]
+__all__ = ["VLLMRolloutEngine", "check_free_gpu_memory", "export_weights", "load_into_engine", "load_weights_on_worker",
+           "preserved_rng_state", "set_in_process_mode", "start_engine", "vllm_request"]

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from vopd_train.prefix import scored_hidden
-from vopd_train.rollout import SeqBatch, head_fn
+from vopd_train.rollout import SeqBatch, head_fn, lm_head
 
 
 class Teacher:
@@ -124,16 +125,36 @@ class AdapterEMATeacher(Teacher):
     def _model(self) -> Any:
         return self.student
 
+    def head(self, h: Tensor) -> Tensor:
+        # only the head's own adapter weights (usually none): the student's graph may hold the others
+        head_params = {id(p) for p in lm_head(self.student).parameters()}
+        with torch.no_grad(), self._weights([n for n, p in self.params.items() if id(p) in head_params]):
+            return head_fn(self._model())(h)
+
     @contextlib.contextmanager
-    def _weights(self) -> Iterator[None]:
-        live = {n: p.data for n, p in self.params.items()}
+    def _weights(self, names: list[str] | None = None) -> Iterator[None]:
+        names = list(self.params) if names is None else names
+        if any(isinstance(self.params[n], DTensor) for n in names):
+            # FSDP: a parameter is a view of the storage it all-gathers from, so copy in and out in place
+            live = {n: self.params[n].detach().clone() for n in names}
+            with torch.no_grad():
+                for n in names:
+                    self.params[n].copy_(self.ema[n])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n in names:
+                        self.params[n].copy_(live[n])
+            return
+        live = {n: self.params[n].data for n in names}
         try:
-            for n, p in self.params.items():
-                p.data = self.ema[n]
+            for n in names:
+                self.params[n].data = self.ema[n]
             yield
         finally:
-            for n, p in self.params.items():
-                p.data = live[n]
+            for n in names:
+                self.params[n].data = live[n]
 
     @torch.no_grad()
     def update(self) -> None:

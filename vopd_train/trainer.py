@@ -16,6 +16,7 @@ Ground-truth answers are never read: `data.py` does not even carry them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -23,19 +24,23 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vopd_bench import distributed
 from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
-from vopd_train import checkpoint
+from vopd_train import checkpoint, dcp_state
+from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
-from vopd_train.data import PromptSet, batch_indices, load_prompts
-from vopd_train.losses import chunked_divergence, importance_weight, token_weights
+from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
+from vopd_train.evaluate import Validator
+from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.prefix import scored_hidden
 from vopd_train.rollout import (
     EncodedPrompt,
@@ -46,7 +51,9 @@ from vopd_train.rollout import (
     encode_prompts,
     head_fn,
     model_family,
+    response_hidden,
 )
+from vopd_train.sampling import prompt_seed
 from vopd_train.teachers import Teacher, make_teacher
 
 LOG_FILE = "train_log.jsonl"
@@ -70,6 +77,7 @@ class StepStats:
     t_student: float
     t_other: float
     t_step: float
+    anchor: float | None = None  # the crop anchor (KL(start ‖ student) on the crop), under the reduction's weights
 
 
 @dataclass
@@ -77,8 +85,10 @@ class TrainResult:
     out: Path
     model_dir: Path
     steps: int
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the training steps
     seconds: float = 0.0
+    evals: list[dict] = field(default_factory=list)  # the evaluations (--eval-every)
+    best: BestRecord | None = None  # the evaluation whose weights are in model_dir (None: the last weights)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -90,22 +100,38 @@ class Distiller:
     """Loads the model and data, then trains. `engine` replaces the HF `generate` rollouts (e.g. vLLM)."""
 
     def __init__(self, cfg: DistillConfig, *, engine: RolloutEngine | None = None,
-                 on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None,
+                 on_eval: Callable[[dict], None] | None = None, on_note: Callable[[str], None] | None = None):
         from vopd_bench.modeling import load_model, pick_device_dtype
 
         self.cfg = cfg.validate()
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        # Under torchrun: one rank per device, the global batch split over ranks, FSDP2 over the model.
+        self.place = distributed.init()
+        if self.place.enabled and cfg.batch_size < self.place.world_size:
+            raise VopdError(f"--batch-size {cfg.batch_size} is smaller than the {self.place.world_size} ranks: "
+                            "every rank needs at least one prompt per step")
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.preset = preset or {}
         self.on_step = on_step
-        self.device, _ = pick_device_dtype(cfg.device)
+        self.device = self.place.device if self.place.enabled else pick_device_dtype(cfg.device)[0]
         view_cfg = ViewConfig(context=cfg.crop_context, min_side=cfg.crop_min_side, zoom=cfg.crop_zoom)
         self.data: PromptSet = load_prompts(cfg.data, student_view=cfg.student_view, view_config=view_cfg,
                                             limit=cfg.data_limit, data_dir=cfg.data_dir)
         self.skipped: dict[str, str] = {s["id"]: s["reason"] for s in self.data.skipped}
         self.total_steps = cfg.steps or math.ceil(len(self.data.prompts) / cfg.batch_size)
+        # --replay: the both-right cases go after the mined prompts; each batch takes a fixed share of them
+        self.n_mined, self.n_replay = len(self.data.prompts), 0
+        if cfg.replay > 0:
+            replay = load_prompts(str(replay_source(cfg.data)), student_view=cfg.student_view, view_config=view_cfg,
+                                  limit=cfg.data_limit, data_dir=cfg.data_dir)
+            self.data.prompts.extend(replay.prompts)
+            self.skipped.update({s["id"]: s["reason"] for s in replay.skipped})
+            self.n_replay = len(replay.prompts)
+        self.validator = self._validator()
+        self.on_eval = on_eval
 
         torch.manual_seed(cfg.seed)
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
@@ -118,8 +144,16 @@ class Distiller:
             model = _wrap_lora(model, cfg)
         model.train()
         self.model = model
+        teacher = None
+        if self.place.enabled:
+            from vopd_train import fsdp
+
+            if not cfg.lora and cfg.teacher != "current":  # a copy of the starting weights, taken before sharding
+                teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
+                fsdp.shard_model(teacher.model, self.device)
+            fsdp.shard_model(model, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.teacher: Teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
+        self.teacher: Teacher = teacher or make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -132,8 +166,25 @@ class Distiller:
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
+
+        self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
+        if cfg.crop_anchor > 0:
+            if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
+                self.anchor_ref = self.teacher
+            else:
+                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
+                if not cfg.lora and on_note is not None:
+                    on_note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
+                            f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
         self.step = 0
         self._resume_or_start()
+        self.best: BestKeeper | None = None
+        if self.validator is not None and cfg.keep_best != "last":
+            self.best = BestKeeper(self.out, cfg.keep_best)
+            if self.step:
+                self.best.load()
+            else:
+                self.best.clear()
         if self.step:  # an engine with its own copy of the weights (vLLM) still holds the starting ones
             self.engine.sync_weights(self.model)
 
@@ -144,20 +195,48 @@ class Distiller:
 
     def _resume_or_start(self) -> None:
         path = checkpoint.state_dir(self.out)
+        main = self.place.is_main
         if path is not None and self.cfg.restart:
             for name in (checkpoint.STATE, checkpoint.STATE + ".old", LOG_FILE):
                 p = self.out / name
+                if not main:
+                    continue
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
             path = None
         if path is None:
-            (self.out / LOG_FILE).unlink(missing_ok=True)
-            save_yaml(self.cfg, self.out / "config.yaml", {"preset_applied": self.preset})
+            if main:
+                (self.out / LOG_FILE).unlink(missing_ok=True)
+                save_yaml(self.cfg, self.out / "config.yaml", {"preset_applied": self.preset})
+            distributed.barrier()
+            return
+        if dcp_state.is_dcp(path):  # saved under torchrun, at any world size
+            self._check_resumable(json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+            meta = dcp_state.load(path, model=self.model, optimizer=self.optimizer,
+                                  teacher=self.teacher.state_tensors())
+            self.scheduler.load_state_dict({**meta["scheduler"],
+                                            "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            self._resumed(meta)
             return
         state = checkpoint.load_state(path)
         meta = state["meta"]
+        self._check_resumable(meta)
+        if self.place.enabled:  # saved by a single process: every rank reads it whole and keeps its shards
+            dcp_state.load_single_process_state(state, model=self.model, params=self.params,
+                                                optimizer=self.optimizer, teacher=self.teacher.state_tensors())
+            self.scheduler.load_state_dict({**state["scheduler"],
+                                            "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            self._resumed(meta)
+            return
+        checkpoint.load_trainable(self.model, state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        self.teacher.load_state_tensors(state["teacher"])
+        self._resumed(meta)
+
+    def _check_resumable(self, meta: dict) -> None:
         # A setting missing from an older saved run had its default then: compare against that.
         defaults = DistillConfig().to_dict()
         saved, now = {**defaults, **meta["config"]}, self._training_config()
@@ -168,20 +247,47 @@ class Distiller:
         if meta["n_prompts"] != len(self.data.prompts):
             raise VopdError(f"{self.out}: the data changed since the saved run ({meta['n_prompts']} prompts, now "
                             f"{len(self.data.prompts)}); use --restart")
-        checkpoint.load_trainable(self.model, state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
-        self.teacher.load_state_tensors(state["teacher"])
+
+    def _resumed(self, meta: dict) -> None:
         self.skipped.update(meta.get("skipped", {}))
         self.step = int(meta["step"])
-        _truncate_log(self.out / LOG_FILE, self.step)
+        if self.place.is_main:
+            _truncate_log(self.out / LOG_FILE, self.step)
+        distributed.barrier()
+
+    def _validator(self) -> Validator | None:
+        from vopd_train.remeasure import held_out_benchmarks, validation_benchmarks
+
+        cfg = self.cfg
+        if cfg.eval_every is None:
+            return None
+        if self.place.enabled:
+            # every rank would have to generate in step with the sharded model, and the best weights are sharded
+            if "eval_every" in self.preset:
+                say_once("eval-torchrun", "the toy preset's periodic validation (--eval-every) is off under "
+                         "torchrun: validation of an FSDP-sharded model is not implemented yet; OUT/model holds "
+                         "the last weights")
+                return None
+            raise VopdError("--eval-every is not available under torchrun yet (validation of an FSDP-sharded "
+                            "model is not implemented); drop it, or run gap-report on saved checkpoints")
+        remeasured = held_out_benchmarks(self.data.kind, self.data.benchmarks, cfg.remeasure_benchmarks)
+        benches = validation_benchmarks(self.data.benchmarks, cfg.eval_benchmarks, remeasured)
+        if not benches:
+            raise VopdError("--eval-every: no validation benchmark known for this data; pass --eval-benchmarks")
+        return Validator(benches, limit=cfg.eval_limit, batch_size=cfg.eval_batch_size,
+                         max_new_tokens=cfg.eval_max_new_tokens, data_dir=cfg.data_dir)
 
     def save_state(self) -> None:
         meta = {"step": self.step, "config": self._training_config(), "n_prompts": len(self.data.prompts),
                 "skipped": self.skipped}
-        checkpoint.save_state(self.out, meta=meta, student=checkpoint.trainable_tensors(self.model),
-                              optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher.state_tensors())
-        if self.skipped:
+        if self.place.enabled:
+            dcp_state.save(self.out, meta=meta, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                           teacher=self.teacher.state_tensors())
+        else:
+            checkpoint.save_state(self.out, meta=meta, student=checkpoint.trainable_tensors(self.model),
+                                  optimizer=self.optimizer, scheduler=self.scheduler,
+                                  teacher=self.teacher.state_tensors())
+        if self.skipped and self.place.is_main:
             with (self.out / "skipped.jsonl").open("w", encoding="utf-8") as f:
                 for pid, reason in self.skipped.items():
                     f.write(json.dumps({"id": pid, "reason": reason}) + "\n")
@@ -190,23 +296,103 @@ class Distiller:
 
     def train(self) -> TrainResult:
         t0 = time.perf_counter()
-        with (self.out / LOG_FILE).open("a", encoding="utf-8") as log:
+        main = self.place.is_main  # rank 0 logs, with statistics reduced over the ranks
+        with (self.out / LOG_FILE).open("a", encoding="utf-8") if main else contextlib.nullcontext() as log:
+            if self.validator is not None and self.step == 0:
+                self.evaluate(log)  # the starting model: the baseline of the curves, and a candidate
             while self.step < self.total_steps:
                 stats = self.train_step(self.step)
                 self.step += 1
-                log.write(json.dumps(stats.__dict__) + "\n")
-                log.flush()
-                if self.on_step is not None:
+                if log is not None:
+                    log.write(json.dumps(stats.__dict__) + "\n")
+                    log.flush()
+                if self.on_step is not None and main:
                     self.on_step(stats)
-                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                evaluated = self.validator is not None and (self.step % self.cfg.eval_every == 0
+                                                            or self.step == self.total_steps)
+                if evaluated:
+                    self.evaluate(log)
+                # saved after every evaluation too, so a resumed run holds the same best-so-far (see best.py)
+                if evaluated or self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_state()
-        model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
-        history = read_log(self.out / LOG_FILE)
-        if history:
+        # under torchrun there is no validation (see _validator): the last weights, gathered on rank 0
+        model_dir = self._save_final_sharded() if self.place.enabled else self._save_model()
+        if not main:
+            return TrainResult(self.out, model_dir, self.step, [], time.perf_counter() - t0)
+        if self.best is not None and self.best.best is not None:  # which step won, and why
+            save_yaml(self.cfg, self.out / "config.yaml", {"preset_applied": self.preset,
+                                                            "best": best_summary(self.best.best)})
+        history, evals = split_log(read_log(self.out / LOG_FILE))
+        self._plot(history, evals)
+        return TrainResult(self.out, model_dir, self.step, history, time.perf_counter() - t0, evals,
+                           self.best.best if self.best is not None else None)
+
+    def evaluate(self, log: Any) -> dict:
+        """Validate the live model, log the result, and keep its weights if they are the best so far."""
+        t = time.perf_counter()
+        metrics = self.validator.evaluate(self.model, self.processor).metrics()
+        won = self.best is not None and self.best.offer(self.step, metrics,
+                                                        lambda: checkpoint.trainable_tensors(self.model))
+        row = {"step": self.step, "kind": "eval", **metrics, "best": won, "t_eval": time.perf_counter() - t}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if self.on_eval is not None:
+            self.on_eval(row)
+        self._plot(*split_log(read_log(self.out / LOG_FILE)))  # watchable while the run goes on
+        return row
+
+    def _plot(self, history: list[dict], evals: list[dict]) -> None:
+        if history or evals:
             from vopd_train.plots import plot_curves
 
-            plot_curves(history, self.out / "train_curves.png")
-        return TrainResult(self.out, model_dir, self.step, history, time.perf_counter() - t0)
+            best = self.best.best.step if self.best is not None and self.best.best is not None else None
+            plot_curves(history, self.out / "train_curves.png", evals=evals, best_step=best)
+
+    def _save_model(self) -> Path:
+        """OUT/model: the best evaluated weights (the last without selection); OUT/model_last on request."""
+        best = self.best.best if self.best is not None else None
+        last_dir = self.out / "model_last"
+        if best is None or best.step == self.step:
+            model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
+            if self.cfg.keep_last:  # the last weights are the best ones
+                shutil.rmtree(last_dir, ignore_errors=True)
+                shutil.copytree(model_dir, last_dir)
+            return model_dir
+        if self.cfg.keep_last:
+            if self.cfg.lora:  # merging is in place: keep the adapter, merge it into a fresh base afterwards
+                self.model.save_pretrained(self.out / "adapter_last")
+            else:
+                self.model.save_pretrained(last_dir, safe_serialization=True)
+                self.processor.save_pretrained(last_dir)
+        checkpoint.load_trainable(self.model, self.best.tensors())
+        model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
+        if self.cfg.keep_last and self.cfg.lora:
+            checkpoint.merge_lora(self.cfg.model, self.out / "adapter_last", last_dir)
+        return model_dir
+
+    def _save_final_sharded(self) -> Path:
+        """Gather the full weights onto rank 0's CPU, load them into a fresh copy of the model there, and write
+        OUT/model (and OUT/adapter) from it; the other ranks wait."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from vopd_bench.modeling import load_model
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_dir = self.out / "model"
+        if self.place.is_main:
+            net, _ = load_model(self.cfg.model, device="cpu", dtype=self.cfg.dtype,
+                                trust_remote_code=self.cfg.trust_remote_code)
+            if self.cfg.lora:
+                net = _wrap_lora(net, self.cfg)
+            net.load_state_dict(full)
+            checkpoint.save_final(net, self.processor, self.out, self.cfg.lora)
+        distributed.barrier()
+        return model_dir
+
+    def _rank_share(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous part of the step's global batch (all of it in a single process)."""
+        r, w = self.place.rank, self.place.world_size
+        return indices[r * len(indices) // w:(r + 1) * len(indices) // w]
 
     def _render(self, indices: list[int]) -> tuple[list[EncodedPrompt], list[EncodedPrompt]]:
         students, teachers, texts = [], [], []
@@ -227,32 +413,49 @@ class Distiller:
         cfg = self.cfg
         _set_step_seed(step_seed(cfg.seed, step))
         t_start = time.perf_counter()
-        indices = batch_indices(len(self.data.prompts), cfg.batch_size, step, cfg.seed)
+        indices = self._rank_share(self._batch_indices(step))
         student_prompts, teacher_prompts = self._render(indices)
+        kept = [i for i in indices if self.data.prompts[i].id not in self.skipped]
+        # rollout j of prompt i draws from its own seed: the same tokens on any number of ranks
+        sampling = replace(self.sampling, prompt_seeds=tuple(prompt_seed(cfg.seed, step, i) for i in kept))
+        # every rank must take part in every collective: a step some rank has no prompt for is skipped by all
+        everyone = min(distributed.all_gather_object(len(student_prompts)))
 
         t = time.perf_counter()
-        rollouts = [r for r in self.engine.generate(student_prompts, self.sampling) if r.token_ids]
+        rollouts = [r for r in self.engine.generate(student_prompts, sampling) if r.token_ids] if everyone else []
         _sync(self.device)
         t_rollout = time.perf_counter() - t
 
         lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.long)
-        weights = token_weights(lengths, cfg.reduction).to(self.device)  # sums to 1 over the step's tokens
+        # the weights sum to 1 over the tokens of the whole step, on all ranks together
+        per_rank = distributed.all_gather_object(lengths.tolist())
+        first = sum(sum(x) for x in per_rank[:self.place.rank])
+        all_weights = token_weights(torch.tensor([n for x in per_rank for n in x], dtype=torch.long), cfg.reduction)
+        weights = all_weights[first:first + int(lengths.sum())].to(self.device)
         offsets = [0, *torch.cumsum(lengths, 0).tolist()]
         behaviour = None  # log π_rollout per token, when the engine reports it
         if rollouts and all(r.logprobs is not None for r in rollouts):
             behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(self.device)
 
-        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "t_teacher": 0.0, "t_student": 0.0}
+        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "anchor": 0.0, "t_teacher": 0.0, "t_student": 0.0}
         grad_norm = float("nan")
+        groups = self._micro_batches(rollouts)
+        # FSDP: every rank runs as many passes as the busiest one; the extra ones replay a group at weight 0
+        n_passes = distributed.all_reduce_max(len(groups), self.device)
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             logps = []
-            for group in self._micro_batches(rollouts):
+            for g in range(n_passes):
+                replay = g >= len(groups)
+                group = groups[min(g, len(groups) - 1)]
                 a, b = offsets[group[0]], offsets[group[-1] + 1]
                 resp = [rollouts[k].token_ids for k in group]
                 owner = [rollouts[k].prompt_index for k in group]
-                out = self._backward_micro(teacher_prompts, student_prompts, resp, owner, weights[a:b],
+                scale = 0.0 if replay else 1.0
+                out = self._backward_micro(teacher_prompts, student_prompts, resp, owner, weights[a:b] * scale,
                                            behaviour[a:b] if behaviour is not None else None, acc)
+                if replay:
+                    continue
                 logps.append(out.student_logp)
                 if update == 0:
                     div = out.loss if cfg.objective == "logits" else out.student_logp - out.teacher_logp
@@ -262,24 +465,42 @@ class Distiller:
             if behaviour is None and cfg.updates_per_batch > 1:
                 # later updates reuse these rollouts: weight them against the policy that drew them
                 behaviour = torch.cat(logps) if logps else None
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+            if self.place.enabled:
+                from vopd_train import fsdp
+
+                fsdp.reduce_replicated_grads(self.model)
+                grad_norm = fsdp.clip_grad_norm(self.params, cfg.grad_clip, self.device)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             if math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.teacher.update()
             self.scheduler.step()
             self.engine.sync_weights(self.model)
 
-        n_tok = int(lengths.sum())
+        div, ent, agree, isw, n_tok, n_seq = distributed.all_reduce_sum(
+            [acc["div"], acc["ent"], acc["agree"], acc["isw"], float(lengths.sum()), float(len(rollouts))], self.device)
+        acc["isw"], n_tok, n_seq = isw, int(n_tok), int(n_seq)
+        if self.place.enabled:
+            for skipped in distributed.all_gather_object(self.skipped):
+                self.skipped.update(skipped)
         t_step = time.perf_counter() - t_start
         return StepStats(
-            step=step + 1, divergence=acc["div"], tokens=n_tok,
-            resp_len=float(lengths.float().mean()) if len(lengths) else 0.0,
-            entropy=acc["ent"] / max(n_tok, 1), agree=acc["agree"] / max(n_tok, 1), grad_norm=grad_norm,
-            lr=self.optimizer.param_groups[0]["lr"], sequences=len(rollouts), skipped=len(self.skipped),
+            step=step + 1, divergence=div, tokens=n_tok, resp_len=n_tok / n_seq if n_seq else 0.0,
+            entropy=ent / max(n_tok, 1), agree=agree / max(n_tok, 1), grad_norm=grad_norm,
+            lr=self.optimizer.param_groups[0]["lr"], sequences=n_seq, skipped=len(self.skipped),
             is_weight=(acc["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
             t_rollout=t_rollout, t_teacher=acc["t_teacher"], t_student=acc["t_student"],
             t_other=t_step - t_rollout - acc["t_teacher"] - acc["t_student"], t_step=t_step,
+            anchor=acc["anchor"] / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
         )
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """The step's prompts: the mined ones and, with --replay, a fixed share of both-right ones after them."""
+        cfg = self.cfg
+        k = replay_count(cfg.batch_size, cfg.replay) if self.n_replay else 0
+        mined = batch_indices(self.n_mined, cfg.batch_size - k, step, cfg.seed)
+        return mined + [self.n_mined + i for i in batch_indices(self.n_replay, k, step, cfg.seed + 1)] if k else mined
 
     def _micro_batches(self, rollouts: list) -> list[list[int]]:
         """Groups of sequence indices made of whole prompts, so a prompt's image is encoded once per forward."""
@@ -313,9 +534,23 @@ class Distiller:
             acc["isw"] += float((iw * weights).sum())
             w = w * iw
         (out.loss * w).sum().backward()
+        if self.anchor_ref is not None:
+            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
+            (cfg.crop_anchor * anchor).backward()
+            acc["anchor"] += float(anchor.detach())
         _sync(self.device)
         acc["t_student"] += time.perf_counter() - t
         return out
+
+    def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
+        cfg, ref = self.cfg, self.anchor_ref
+        ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch)
+        out = chunked_divergence(
+            response_hidden(self.model, crop_batch), ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
+            alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
+            chunk_size=cfg.loss_chunk_size)
+        return (out.loss * weights).sum()
 
 
 def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
@@ -343,6 +578,11 @@ def _set_step_seed(seed: int) -> None:
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def split_log(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """train_log.jsonl rows as (training steps, evaluations)."""
+    return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
 
 
 def read_log(path: Path) -> list[dict]:

@@ -27,6 +27,15 @@ class GenerationConfig:
         return asdict(self)
 
 
+def decoding_settings(gen: GenerationConfig) -> dict[str, Any]:
+    """The complete decoding policy every backend applies (run.json records it as `decoding`). The model's own
+    `generation_config.json` sampling defaults (e.g. Qwen2.5-VL's repetition_penalty 1.05, top_p, top_k) do not
+    apply: they would make answers depend on the backend, since vLLM's explicit sampling parameters skip them.
+    Only the stop tokens come from the model. Temperature 0 is greedy; above it, plain sampling."""
+    return {"greedy": gen.temperature == 0, "temperature": gen.temperature, "top_p": 1.0, "top_k": None,
+            "repetition_penalty": 1.0, "max_new_tokens": gen.max_new_tokens, "seed": gen.seed}
+
+
 @dataclass(frozen=True)
 class Request:
     """One question about one image. The backend places the image before the text, as the paper does."""

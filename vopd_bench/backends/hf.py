@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vopd_bench import context
 from vopd_bench.attention import ImageAttention, capture_last_row, image_attention
-from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.backends.base import GenerationConfig, Request, Response, decoding_settings
 from vopd_bench.families import family_of
 from vopd_bench.modeling import encode, first_line, load_model, resolve_model_path, say_once, vision_token_ids
 from vopd_bench.token_grid import token_grid
@@ -23,22 +23,35 @@ class HFBackend:
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, batch_size: int = 16, threads: int | None = None):
-        self.model_name = model
-        self.model, self.processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        if threads and self.model.device.type == "cpu":
+        net, processor = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if threads and net.device.type == "cpu":
             import torch
 
             torch.set_num_threads(threads)
+        self._attach(model, net, processor, batch_size)
+        self._fingerprint: str | None = None
+
+    def _attach(self, name: str, model, processor, batch_size: int) -> None:
+        """Everything but loading: shared by a loaded model and one wrapped as it is (`from_loaded`)."""
+        self.model_name, self.model, self.processor = name, model, processor
         self.preferred_batch_size = batch_size
         self._bad_ids = [[i] for i in vision_token_ids(self.processor, self.model.config)]
         self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
-        self._fingerprint: str | None = None
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
         family = family_of(self.model.config)
         image_processor = getattr(self.processor, "image_processor", None)
         # the most pixels the processor keeps of any image: larger JPEGs may be decoded at a reduced size
         self.view_pixels = family.pixel_budget(image_processor) if family.pixel_budget and image_processor else None
+
+    @classmethod
+    def from_loaded(cls, model, processor, *, name: str, batch_size: int = 16) -> HFBackend:
+        """Wrap a model already in memory, as it is now (the trainer evaluates its live model this way: no reload,
+        no copy). `name` stands in for the fingerprint: the weights change between calls."""
+        self = cls.__new__(cls)
+        self._attach(name, model, processor, batch_size)
+        self._fingerprint = name
+        return self
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -65,12 +78,9 @@ class HFBackend:
         start = time.perf_counter()
         inputs = encode(self.processor, [r.image for r in requests], [r.prompt for r in requests],
                         **gen.chat_template_kwargs).to(self.model.device)
-        kwargs = dict(max_new_tokens=gen.max_new_tokens, bad_words_ids=self._bad_ids or None)
-        if gen.temperature > 0:
+        kwargs = dict(hf_generate_kwargs(decoding_settings(gen)), bad_words_ids=self._bad_ids or None)
+        if kwargs["do_sample"]:
             torch.manual_seed(gen.seed)
-            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if not self.capture_focus:
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **kwargs)
@@ -113,6 +123,16 @@ class HFBackend:
         self.model = None
 
 
+def hf_generate_kwargs(settings: dict) -> dict:
+    """`decoding_settings` as transformers' `generate` keywords. Every sampling field is set explicitly: one left
+    unset is filled from the model's generation_config, which the policy excludes."""
+    if settings["greedy"]:
+        return dict(max_new_tokens=settings["max_new_tokens"], do_sample=False, repetition_penalty=1.0,
+                    temperature=None, top_p=None, top_k=None)
+    return dict(max_new_tokens=settings["max_new_tokens"], do_sample=True, temperature=settings["temperature"],
+                top_p=settings["top_p"], top_k=0, repetition_penalty=settings["repetition_penalty"])
+
+
 def generated_lengths(new_tokens, eos_token_id: int | list[int] | None) -> list[int]:
     """Tokens each row generated: up to and including its first end-of-sequence token (rows that finish early
     are padded to the batch's length)."""
@@ -150,4 +170,4 @@ def model_fingerprint(path: str, model=None) -> str:
     return f"sha256:{h.hexdigest()[:16]}"
 
 
-__all__ = ["HFBackend", "model_fingerprint"]
+__all__ = ["HFBackend", "hf_generate_kwargs", "model_fingerprint"]

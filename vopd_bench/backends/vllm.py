@@ -5,10 +5,13 @@ own chat template and multimodal processor apply, as they do in the `hf` backend
 Decoding is greedy by default (temperature 0). vLLM is imported only when this backend is built; install it
 with `pip install 'vopd[vllm]'`.
 
-Written against the vLLM 0.18+ offline API (`LLM(...)`, `LLM.chat(conversations, sampling_params,
-use_tqdm=..., chat_template_kwargs=...)` with `image_pil` content parts, `SamplingParams(temperature,
-max_tokens, seed)`). The tests drive it through a fake engine honouring those calls; it has not been run
-against a real vLLM in this repository's CI, which has no GPU.
+Decoding follows `decoding_settings`, as in the `hf` backend: the model's generation_config sampling defaults do
+not apply (`generation_config="vllm"`, every sampling field explicit).
+
+Checked against the vLLM 0.33.0 source (tests/test_vllm_conformance.py runs against the real package): `LLM(...)`,
+`LLM.chat(conversations, sampling_params, use_tqdm=..., chat_template_kwargs=...)` with `image_pil` content parts,
+`SamplingParams(temperature, top_p, top_k, repetition_penalty, max_tokens, seed)`, `VLLMValidationError`. The
+tests drive it through tests/fake_vllm.py, which follows that API; it has not run on a GPU in this repository.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vopd_bench.backends.base import GenerationConfig, Request, Response
+from vopd_bench.backends.base import GenerationConfig, Request, Response, decoding_settings
 from vopd_bench.context import for_vllm
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import first_line, resolve_model_path, say_once
+
+# vLLM's SamplingParams rejects a temperature above 2 and silently raises one in (0, 0.01) to 0.01.
+MAX_TEMPERATURE = 2.0
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 class VLLMBackend:
@@ -51,6 +58,7 @@ class VLLMBackend:
             "trust_remote_code": trust_remote_code,
             "limit_mm_per_prompt": {"image": 1},  # one image per prompt: no memory reserved for more
             "enforce_eager": enforce_eager,
+            "generation_config": "vllm",  # decoding_settings is the whole policy, as in the hf backend
         }
         if max_model_len is not None:
             self.engine_args["max_model_len"] = max_model_len
@@ -78,9 +86,10 @@ class VLLMBackend:
     def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
         if not requests:
             return []
+        check_temperature(gen.temperature, "the temperature")
         try:
             return self._generate(requests, gen)
-        except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. longer than max_model_len) fails the call
+        except Exception as e:  # noqa: BLE001 - one bad prompt (e.g. VLLMValidationError: too long) fails the call
             cause = f"{type(e).__name__}: {first_line(e)}"
             if len(requests) == 1:
                 return [Response("", error=cause)]
@@ -118,10 +127,29 @@ def conversation(request: Request) -> list[dict[str, Any]]:
 
 
 def sampling_params(gen: GenerationConfig) -> Any:
-    """Greedy at temperature 0; otherwise plain sampling (no top-p/top-k), seeded per request."""
+    """`decoding_settings` as vLLM's SamplingParams: greedy at temperature 0, else plain sampling, seeded."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=gen.temperature, max_tokens=gen.max_new_tokens, seed=gen.seed)
+    d = decoding_settings(gen)
+    return SamplingParams(temperature=d["temperature"], top_p=d["top_p"], top_k=0 if d["top_k"] is None else d["top_k"],
+                          repetition_penalty=d["repetition_penalty"], max_tokens=d["max_new_tokens"], seed=d["seed"])
+
+
+def check_temperature(temperature: float, name: str) -> None:
+    """Refuse, before any engine work, a temperature vLLM would reject or silently change."""
+    if temperature > MAX_TEMPERATURE or 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+        raise VopdError(f"{name} {temperature} is outside what vLLM samples at: 0 (greedy) or "
+                        f"{MIN_SAMPLING_TEMPERATURE} to {MAX_TEMPERATURE}")
+
+
+def vllm_validation_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes vLLM raises for a request it rejects: `VLLMValidationError` (vLLM ≥ 0.12, no longer a
+    ValueError) and ValueError (older releases and plain checks)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (VLLMValidationError, ValueError)
 
 
 def _start_engine(engine_args: dict[str, Any]) -> Any:
@@ -145,4 +173,4 @@ def _hub_snapshot(repo_id: str) -> str | None:
         return None
 
 
-__all__ = ["VLLMBackend", "conversation", "sampling_params"]
+__all__ = ["VLLMBackend", "check_temperature", "conversation", "sampling_params", "vllm_validation_errors"]
