@@ -312,5 +312,5 @@ def test_hint_keeps_the_question_start_and_a_provided_crop_keeps_the_question() 
     given = Image.new("RGB", (7, 5))
     r = views.render("crop", _pattern(50, 50), "Q?", [(1.0, 1.0, 5.0, 5.0)], provided_crop=given)
     assert r.image is given and r.question == "Q?" and r.region is None
-    with pytest.raises(ValueError, match=r"expected one of full, crop, box$"):
+    with pytest.raises(ValueError, match=r"expected one of full, crop, box, selfcrop$"):
         views.render("zoomed", given, "Q?", [])
