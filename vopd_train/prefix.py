@@ -50,7 +50,8 @@ def why_not_shared(model: Any) -> str | None:
 def scored_hidden(model: Any, batch: SeqBatch, share: bool) -> Tensor:
     """Final hidden states `[N, H]` at the positions that predict `batch`'s response tokens, in `batch.rows`
     order: through the shared prefix where `share` and the model allow it, else the plain path (said once)."""
-    if share:
+    # with one response per prompt there is nothing to share, and the plain path batches all prompts in one forward
+    if share and len(set(batch.seq_prompt)) < len(batch.seq_prompt):
         reason = why_not_shared(model)
         if reason is None:
             return shared_prefix_hidden(model, batch)
