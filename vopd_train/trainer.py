@@ -38,7 +38,7 @@ from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint, dcp_state
 from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
-from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
+from vopd_train.data import PromptSet, anchor_count, batch_indices, load_prompts, replay_count, replay_source
 from vopd_train.evaluate import Validator
 from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.prefix import scored_hidden
@@ -51,7 +51,6 @@ from vopd_train.rollout import (
     encode_prompts,
     head_fn,
     model_family,
-    response_hidden,
 )
 from vopd_train.sampling import prompt_seed
 from vopd_train.teachers import Teacher, make_teacher
@@ -535,7 +534,14 @@ class Distiller:
             w = w * iw
         (out.loss * w).sum().backward()
         if self.anchor_ref is not None:
-            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
+            # the first k sequences of a shuffled batch: their tokens lead the flat rows of teacher_hidden and weights
+            k = anchor_count(len(responses), cfg.crop_anchor_share)
+            m = sum(len(r) for r in responses[:k])
+            crop_batch = teacher_batch if k == len(responses) else build_sequences(
+                teacher_prompts, responses[:k], owner[:k], self.pad_id, family).to(self.device)
+            anchor = self._crop_anchor(crop_batch, teacher_hidden[:m], weights[:m])
+            part = float(weights[:m].sum())
+            anchor = anchor * (float(weights.sum()) / part) if part > 0 else anchor * 0.0
             (cfg.crop_anchor * anchor).backward()
             acc["anchor"] += float(anchor.detach())
         _sync(self.device)
@@ -545,9 +551,10 @@ class Distiller:
     def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
         cfg, ref = self.cfg, self.anchor_ref
-        ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch)
+        ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch, cfg.prefix_sharing)
+        student_hidden = scored_hidden(self.model, crop_batch, cfg.prefix_sharing)  # the teacher's path: 0 at start
         out = chunked_divergence(
-            response_hidden(self.model, crop_batch), ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
+            student_hidden, ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
             alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
             chunk_size=cfg.loss_chunk_size)
         return (out.loss * weights).sum()
