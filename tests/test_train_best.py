@@ -162,8 +162,10 @@ def test_anchor_divergence_is_exactly_zero_at_the_start():
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_crop_anchor_is_zero_while_the_student_is_the_starting_model(tiny_model_dir, tmp_path, lora):
+    # an EMA teacher: the anchor needs its own frozen reference; with LoRA, 3 rollouts a prompt: the reference and
+    # the student then share each prompt's prefix, and must take the same path to agree exactly
     cfg = best_cfg(tiny_model_dir, tmp_path / f"a{lora}", eval_every=None, crop_anchor=1.0, lora=lora, lora_rank=4,
-                   teacher="ema")  # an EMA teacher: the anchor needs its own frozen reference
+                   teacher="ema", n_rollouts=3 if lora else 1)
     d = Distiller(cfg, engine=FixedEngine())
     first = d.train_step(0)
     assert first.anchor == 0.0  # exactly: LoRA starts with B = 0, full fine-tuning's reference is a copy
@@ -172,39 +174,6 @@ def test_crop_anchor_is_zero_while_the_student_is_the_starting_model(tiny_model_
     plain = Distiller(best_cfg(tiny_model_dir, tmp_path / f"p{lora}", eval_every=None, lora=lora, lora_rank=4,
                                teacher="ema"), engine=FixedEngine())
     assert plain.train_step(0).anchor is None
-
-
-class SameEngine:
-    """Every rollout of a prompt is the same response, so any share of a micro-batch looks like all of it."""
-
-    def generate(self, prompts, settings):
-        return [Rollout(i, [40, 41]) for i in range(len(prompts)) for _ in range(settings.n)]
-
-    def sync_weights(self, model):
-        return None
-
-
-def test_crop_anchor_share_scales_its_part_up_to_the_whole_micro_batch(tiny_model_dir, tmp_path):
-    from vopd_train.data import anchor_count
-
-    assert [anchor_count(32, s) for s in (1.0, 0.25, 0.01, 0.5)] == [32, 8, 1, 16]
-    assert [anchor_count(3, s) for s in (0.5, 1 / 3)] == [2, 1]  # rounded up: never fewer than the share
-
-    def anchors(share: float, engine) -> list[float]:
-        cfg = best_cfg(tiny_model_dir, tmp_path / f"s{share}{type(engine).__name__}", eval_every=None, batch_size=1,
-                       n_rollouts=4, crop_anchor=1.0, crop_anchor_share=share, lora=True, lora_rank=4,
-                       prefix_sharing=False)  # the plain path on both sides: exactly 0 at the start
-        d = Distiller(cfg, engine=engine)
-        return [d.train_step(step).anchor for step in range(3)]
-
-    whole, quarter = anchors(1.0, SameEngine()), anchors(0.25, SameEngine())
-    assert whole[0] == quarter[0] == 0.0 and whole[2] > 0
-    # one of four identical sequences, scaled by 4, is the whole anchor (a float32 KL near 0, padded differently)
-    assert quarter[1:] == pytest.approx(whole[1:], rel=1e-3)
-    # with distinct responses the first sequence alone is another estimate
-    assert anchors(0.25, FixedEngine())[2] != pytest.approx(anchors(1.0, FixedEngine())[2], rel=5e-3)
-    with pytest.raises(VopdError, match="crop-anchor-share"):
-        best_cfg(tiny_model_dir, tmp_path / "bad", crop_anchor_share=0.0).validate()
 
 
 def write_mined(folder: Path, split_ids: dict[str, range]) -> Path:

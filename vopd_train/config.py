@@ -85,9 +85,6 @@ class DistillConfig:
     crop_anchor: float = _opt(0.0, "Weight of the crop anchor: KL(starting model ‖ student) on the crop view, at the "
                                    "same response tokens, added to the loss so that training on the full view does "
                                    "not bend the crop view (0 = off). Costs one more student forward and backward.")
-    crop_anchor_share: float = _opt(1.0, "Share of each micro-batch's sequences the crop anchor runs on (the first "
-                                         "ones of a shuffled batch), scaled up to the whole micro-batch's token "
-                                         "weight: an estimate of the full anchor at that share of its cost.")
     replay: float = _opt(0.0, "Share of each batch drawn from cases the model already answers right on both views "
                               "(gap-report's both_right.jsonl, next to the failures.jsonl given as --data); 0 = off.")
 
@@ -178,7 +175,6 @@ class DistillConfig:
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be ≥ 1")
         need(self.keep_best in KEEP_BEST, f"--keep-best must be one of {', '.join(KEEP_BEST)}")
         need(self.crop_anchor >= 0, "--crop-anchor must be ≥ 0")
-        need(0 < self.crop_anchor_share <= 1, "--crop-anchor-share must be in (0, 1]")
         need(0.0 <= self.replay < 1.0, "--replay must be in [0, 1)")
         need(self.replay == 0 or self.batch_size >= 2, "--replay needs --batch-size ≥ 2 (one mined, one replayed)")
         return self
@@ -215,9 +211,10 @@ TOY_PRESET: dict[str, Any] = {
     "eval_every": 50,
     "eval_limit": 128,
 }
-# On mined failures (a gap-report failures.jsonl) the toy also gets what kept its crop view there: the crop anchor
-# (benchmarks/README.md, "Training on mined failures"; replay did not).
-TOY_FAILURES_PRESET: dict[str, Any] = {"crop_anchor": 0.3}
+# On mined failures (a gap-report failures.jsonl) the toy also gets what kept its crop view there, the crop anchor
+# (replay did not), and twice the learning rate for half the steps, so that the README's three-command loop ends
+# in under 20 minutes on a 2-core CPU (benchmarks/README.md, "Training on mined failures").
+TOY_FAILURES_PRESET: dict[str, Any] = {"crop_anchor": 0.3, "lr": 2e-3, "steps": 150}
 
 
 def preset_for(model: str, data: str = "") -> dict[str, Any]:

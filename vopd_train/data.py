@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,11 +87,6 @@ def replay_count(batch_size: int, share: float) -> int:
     if share <= 0:
         return 0
     return min(batch_size - 1, max(1, round(batch_size * share)))
-
-
-def anchor_count(n_sequences: int, share: float) -> int:
-    """Sequences of a micro-batch the crop anchor runs on: the share of them, at least 1."""
-    return min(n_sequences, max(1, math.ceil(n_sequences * share - 1e-9)))
 
 
 def sample_prompt(sample: Sample, spec: BenchmarkSpec, student_view: str, view_config: ViewConfig,

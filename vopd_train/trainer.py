@@ -38,7 +38,7 @@ from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint, dcp_state
 from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
-from vopd_train.data import PromptSet, anchor_count, batch_indices, load_prompts, replay_count, replay_source
+from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
 from vopd_train.evaluate import Validator
 from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.prefix import scored_hidden
@@ -534,14 +534,7 @@ class Distiller:
             w = w * iw
         (out.loss * w).sum().backward()
         if self.anchor_ref is not None:
-            # the first k sequences of a shuffled batch: their tokens lead the flat rows of teacher_hidden and weights
-            k = anchor_count(len(responses), cfg.crop_anchor_share)
-            m = sum(len(r) for r in responses[:k])
-            crop_batch = teacher_batch if k == len(responses) else build_sequences(
-                teacher_prompts, responses[:k], owner[:k], self.pad_id, family).to(self.device)
-            anchor = self._crop_anchor(crop_batch, teacher_hidden[:m], weights[:m])
-            part = float(weights[:m].sum())
-            anchor = anchor * (float(weights.sum()) / part) if part > 0 else anchor * 0.0
+            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
             (cfg.crop_anchor * anchor).backward()
             acc["anchor"] += float(anchor.detach())
         _sync(self.device)
