@@ -30,10 +30,8 @@ import torch
 from torch import Tensor
 
 from vopd_bench.modeling import say_once
+from vopd_train.prefill import SHARED_MODEL_TYPES
 from vopd_train.rollout import SeqBatch, _autocast, _config, backbone, response_hidden, unsupported
-
-# Model types whose shared-prefix scores equal the plain path's (losses 1e-5, gradients 1e-4 relative, float32).
-SHARED_MODEL_TYPES: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"})
 
 
 def why_not_shared(model: Any) -> str | None:
