@@ -101,3 +101,36 @@ def test_an_unproven_family_samples_the_plain_way_and_says_so_once(tiny_family_d
     assert [r.token_ids for r in on[0]] == [r.token_ids for r in on[1]] == [r.token_ids for r in off]
     err = capsys.readouterr().err
     assert err.count("rollouts share a prompt's prefill only for") == 1 and "gemma3" in err
+
+
+def test_three_distill_steps_sample_and_train_alike_with_and_without_sharing(tiny_model_dir, tmp_path):
+    """The trainer's own HF rollouts under `--prefix-sharing` and `--no-prefix-sharing` (which covers the
+    rollouts too): the same samples every step, the same divergences, the same weights after three updates."""
+    from test_train_loop import tiny_cfg
+
+    from vopd_train.trainer import Distiller
+
+    runs = {}
+    for share in (True, False):
+        cfg = tiny_cfg(tiny_model_dir, tmp_path / f"run-{share}", steps=3, n_rollouts=4, max_new_tokens=6,
+                       lora=True, lora_rank=4, prefix_sharing=share)
+        d = Distiller(cfg)
+        assert d.engine.prefix_sharing is share
+        samples: list[list[int]] = []
+        generate = d.engine.generate
+
+        def recording(prompts, settings, generate=generate, samples=samples):
+            rollouts = generate(prompts, settings)
+            samples.extend(r.token_ids for r in rollouts)
+            return rollouts
+
+        d.engine.generate = recording
+        logs = [d.train_step(k) for k in range(3)]
+        runs[share] = (samples, [s.divergence for s in logs],
+                       {n: p.detach().clone() for n, p in d.model.named_parameters() if p.requires_grad})
+    (samples_on, div_on, w_on), (samples_off, div_off, w_off) = runs[True], runs[False]
+    assert len(samples_on) == 3 * 2 * 4 and samples_on == samples_off
+    torch.testing.assert_close(torch.tensor(div_on), torch.tensor(div_off), rtol=1e-4, atol=0)
+    assert set(w_on) == set(w_off)
+    for name, want in w_off.items():
+        torch.testing.assert_close(w_on[name], want, rtol=1e-4, atol=1e-4)
