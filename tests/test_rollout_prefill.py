@@ -11,7 +11,7 @@ from PIL import Image
 from tiny_fixtures import tiny_family_dir  # noqa: F401
 
 from vopd_bench.modeling import load_model
-from vopd_train.prefill import SHARED_MODEL_TYPES
+from vopd_train.prefill import SHARED_MODEL_TYPES, why_not_prefilled_once
 from vopd_train.rollout import HFRolloutEngine, SamplingSettings, encode_prompts, lm_head
 from vopd_train.sampling import GumbelMaxSampler
 
@@ -134,3 +134,14 @@ def test_three_distill_steps_sample_and_train_alike_with_and_without_sharing(tin
     assert set(w_on) == set(w_off)
     for name, want in w_off.items():
         torch.testing.assert_close(w_on[name], want, rtol=1e-4, atol=1e-4)
+
+
+def test_which_inputs_can_share_their_prefill():
+    ok = {"mm_token_type_ids": torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0]])}
+    assert why_not_prefilled_once("qwen2_5_vl", ok) is None
+    assert "not gemma3" in why_not_prefilled_once("gemma3", ok)
+    no_image = {"mm_token_type_ids": torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])}
+    assert "has no image" in why_not_prefilled_once("qwen2_vl", no_image)
+    assert "has no image" in why_not_prefilled_once("qwen2_vl", {})
+    ends_in_image = {"mm_token_type_ids": torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])}
+    assert "does not end with a text token" in why_not_prefilled_once("qwen3_5", ends_in_image)
