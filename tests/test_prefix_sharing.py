@@ -105,8 +105,9 @@ def test_shared_prefix_is_exact_in_float64(family, tiny_model_dir, tiny_family_d
 
 
 def test_prefix_runs_once_per_prompt(tiny_model_dir, monkeypatch):
-    """The language model sees each prefix once: two prompts, five responses → four forwards (prefix, then
-    responses, per prompt), whose token count is P₀ + P₁ + Σ padded response widths, not Σ (P + R)."""
+    """The language model sees each prefix once: two prompts, five responses → two forwards, the prefixes (one
+    row per prompt, left padded to the longer) and then every response (one row each, right padded to the
+    longest), not one row of P + R per response."""
     model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     prompts = _prompts(processor, [(200, 30, 30), (30, 200, 30)])
     batch = build_sequences(prompts, [[40] * n for n in RESPONSE_LENGTHS], OWNER, 0)
@@ -116,7 +117,7 @@ def test_prefix_runs_once_per_prompt(tiny_model_dir, monkeypatch):
     with torch.no_grad():
         shared_prefix_hidden(model, batch)
     p0, p1 = len(prompts[0]), len(prompts[1])
-    assert seen == [(1, p0), (3, 7), (1, p1), (2, 4)]
+    assert p0 != p1 and seen == [(2, max(p0, p1)), (5, max(RESPONSE_LENGTHS))]
 
 
 def _recording(forward, seen):
