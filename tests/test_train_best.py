@@ -212,7 +212,9 @@ def test_the_toy_preset_on_mined_failures_keeps_the_crop_view(tmp_path):
     cfg, preset = resolve("toy", {"data": str(mined), "out": "o"})
     assert cfg.crop_anchor == TOY_FAILURES_PRESET["crop_anchor"] > 0 and preset["crop_anchor"] == cfg.crop_anchor
     assert cfg.eval_every and cfg.keep_best == "mean_full_crop"  # the toy is watched, and keeps its best
-    assert resolve("toy", {"data": "synthetic:train", "out": "o"})[0].crop_anchor == 0.0
+    assert (cfg.lr, cfg.steps) == (2e-3, 150)  # the 20-minute loop: twice the rate, half the steps
+    on_train = resolve("toy", {"data": "synthetic:train", "out": "o"})[0]
+    assert (on_train.crop_anchor, on_train.lr, on_train.steps) == (0.0, 1e-3, 300)
     assert resolve("toy", {"data": str(mined), "out": "o", "crop_anchor": 0.0})[0].crop_anchor == 0.0  # a flag wins
     assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].crop_anchor == 0.0
 
