@@ -97,6 +97,7 @@ def test_run_json_records_the_command_and_the_commit(run):
     assert info["command"].endswith("gap-report toy"), info["command"]
     assert info["config"]["out"] is None and info["model"] == "toy"
     assert info["config"]["trust_remote_code"] is False  # off unless asked
+    assert info["config"]["backend_options"] == {"threads": 1}  # the toy's ops are too small to split
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:  # a source checkout: the run names the commit it ran from
         assert info["git_commit"] == head.stdout.strip()
