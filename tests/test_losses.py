@@ -9,6 +9,7 @@ import torch
 
 from vopd_train.losses import (
     aggregate,
+    anchor_divergence,
     bucket_log_probs,
     chunked_divergence,
     distill_divergence,
@@ -152,6 +153,15 @@ def test_importance_weight_clipped_at_two_and_detached():
     assert not w.requires_grad
 
 
+def test_importance_weight_holds_the_log_ratio_within_20():
+    # a rollout the new policy all but rules out weighs exp(-20), not exp(-30); without a clip the weight of one
+    # it strongly prefers stays finite at exp(20)
+    low = importance_weight(torch.tensor([-40.0]), torch.tensor([-10.0]))
+    assert low.item() == pytest.approx(math.exp(-20.0), rel=1e-5)
+    high = importance_weight(torch.tensor([-1.0]), torch.tensor([-31.0]), clip=math.inf)
+    assert high.item() == pytest.approx(math.exp(20.0), rel=1e-5)
+
+
 def test_reductions_seq_mean_then_batch_mean_and_token_mean():
     loss = torch.tensor([[1.0, 3.0, 0.0], [6.0, 0.0, 0.0], [2.0, 2.0, 8.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
@@ -160,8 +170,37 @@ def test_reductions_seq_mean_then_batch_mean_and_token_mean():
     assert aggregate(loss, mask, "token-mean").item() == pytest.approx(22 / 6)
     # an empty sequence does not count in the batch mean
     assert token_weights(torch.tensor([2, 0, 1])).tolist() == pytest.approx([0.25, 0.25, 0.5])
-    with pytest.raises(ValueError):
+    # seq-mean is the default; one sequence is its own mean; one token weighs 1 under either reduction
+    assert aggregate(loss, mask).item() == pytest.approx(4.0)
+    assert token_weights(torch.tensor([4])).tolist() == [0.25] * 4
+    assert token_weights(torch.tensor([1]), "token-mean").tolist() == [1.0]
+    assert token_weights(torch.tensor([0, 0]), "token-mean").tolist() == []
+    with pytest.raises(ValueError, match=r"^unknown reduction 'sum'; expected seq-mean or token-mean$"):
         token_weights(torch.tensor([1]), "sum")  # type: ignore[arg-type]
+
+
+# 102 ids: the student puts logit 1 on ids 0..99, 0.5 on id 100 and 0 on id 101, so its top-100 are ids 0..99
+# whatever the tie order and the default buckets are those 100 plus a tail {100, 101}; the reference differs from
+# it only inside the tail (logit 3 on id 100). Bucket probabilities written out by hand:
+_E = math.e
+_ZS = 100 * _E + math.exp(0.5) + 1
+_ZR = 100 * _E + math.exp(3.0) + 1
+WIDE_S = [1.0] * 100 + [0.5, 0.0]
+WIDE_R = [1.0] * 100 + [3.0, 0.0]
+WIDE_BUCKETS_S = [_E / _ZS] * 100 + [(math.exp(0.5) + 1) / _ZS]
+WIDE_BUCKETS_R = [_E / _ZR] * 100 + [(math.exp(3.0) + 1) / _ZR]
+
+
+def test_anchor_is_the_forward_kl_from_the_reference_over_the_default_buckets():
+    s, r = logits_of(P_S), logits_of(P_T)
+    assert anchor_divergence(s, r).item() == pytest.approx(kl(P_T, P_S), rel=1e-5)  # KL(ref ‖ student)
+    assert anchor_divergence(s, s.clone()).item() == 0.0  # exactly, not merely small
+    wide_s, wide_r = torch.tensor([WIDE_S]), torch.tensor([WIDE_R])
+    want = kl(WIDE_BUCKETS_R, WIDE_BUCKETS_S)  # top-100 + tail, KL(ref ‖ student)
+    assert anchor_divergence(wide_s, wide_r).item() == pytest.approx(want, rel=1e-4)
+    full = kl([math.exp(x) / _ZR for x in WIDE_R], [math.exp(x) / _ZS for x in WIDE_S])
+    assert anchor_divergence(wide_s, wide_r, topk=None).item() == pytest.approx(full, rel=1e-4)
+    assert abs(want - full) > 1e-3  # the buckets matter here
 
 
 @pytest.mark.parametrize("objective,kw", [("logits", {"topk": 7}), ("logits", {"topk": None}),
@@ -200,6 +239,39 @@ def test_chunked_equals_unchunked(objective, kw):
     assert torch.equal(out.agree, agree)
     p = torch.softmax(ref_logits.detach(), -1)
     torch.testing.assert_close(out.entropy, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_statistics_and_temperature_by_hand():
+    """Identity heads over hidden states that are twice the log-probabilities: at temperature 2 the two models
+    are exactly P_S and P_T, so every output is a hand-computed number."""
+    identity = lambda x: x  # noqa: E731
+    hs = 2 * logits_of(P_S).repeat(3, 1)
+    ht = 2 * logits_of(P_T).repeat(3, 1)
+    ids = torch.tensor([0, 1, 2])
+    out = chunked_divergence(hs, ht, identity, identity, ids, topk=None, temperature=2.0, chunk_size=2)
+    m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]
+    torch.testing.assert_close(out.loss, torch.full((3,), 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.student_logp, torch.tensor(P_S).log(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_logp, torch.tensor(P_T).log(), rtol=1e-5, atol=1e-6)
+    assert out.agree.tolist() == [False] * 3  # the student's top-1 is id 1, the teacher's id 0
+    entropy = -sum(p * math.log(p) for p in P_S)
+    torch.testing.assert_close(out.entropy, torch.full((3,), entropy), rtol=1e-5, atol=0)
+
+
+def test_chunked_default_buckets_are_the_students_top_100_and_a_tail():
+    identity = lambda x: x  # noqa: E731
+    out = chunked_divergence(torch.tensor([WIDE_S]), torch.tensor([WIDE_R]), identity, identity, torch.tensor([0]),
+                             alpha=0.0)
+    assert out.loss.item() == pytest.approx(kl(WIDE_BUCKETS_R, WIDE_BUCKETS_S), rel=1e-4)
+
+
+@pytest.mark.parametrize("n_teacher,n_ids", [(4, 5), (5, 4)])
+def test_chunked_refuses_token_counts_that_differ(n_teacher, n_ids):
+    identity = lambda x: x  # noqa: E731
+    with pytest.raises(ValueError, match="^student hidden, teacher hidden and target ids must hold the same number "
+                                         "of tokens$"):
+        chunked_divergence(torch.zeros(5, 3), torch.zeros(n_teacher, 3), identity, identity,
+                           torch.zeros(n_ids, dtype=torch.long))
 
 
 def test_trust_region_teacher_moves_toward_student():
