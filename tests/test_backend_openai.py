@@ -62,8 +62,9 @@ def test_hf_batched_answers_equal_unbatched(hf_backend, expected):
 
 def test_concurrency_bounds_the_requests_in_flight():
     """`--concurrency 3`: three requests in flight together, never a fourth. The server holds each request at a
-    barrier of three, so the bound is reached whatever the timing; a client that sent more at once would be seen
-    above it, one that sent fewer would break the barrier."""
+    barrier of three, so the bound is reached whatever the timing, and a client that sent fewer would break the
+    barrier. A client that sent more is seen above the bound when its extra requests reach the server before a
+    wave is released (most runs, not every one: nothing but a wait could prove that no fourth is coming)."""
     concurrency, total = 3, 9
     lock = threading.Lock()
     in_flight = peak = 0
