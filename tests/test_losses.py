@@ -201,6 +201,14 @@ def test_anchor_is_the_forward_kl_from_the_reference_over_the_default_buckets():
     full = kl([math.exp(x) / _ZR for x in WIDE_R], [math.exp(x) / _ZS for x in WIDE_S])
     assert anchor_divergence(wide_s, wide_r, topk=None).item() == pytest.approx(full, rel=1e-4)
     assert abs(want - full) > 1e-3  # the buckets matter here
+    log_s, log_t = bucket_log_probs(wide_s, wide_r)  # the same default buckets, read directly
+    torch.testing.assert_close(log_s.exp()[0], torch.tensor(WIDE_BUCKETS_S), rtol=1e-5, atol=0)
+    torch.testing.assert_close(log_t.exp()[0], torch.tensor(WIDE_BUCKETS_R), rtol=1e-5, atol=0)
+
+
+def test_bucket_log_probs_refuses_logits_of_different_shapes():
+    with pytest.raises(ValueError, match=r"^student logits \(2, 3\) and teacher logits \(2, 4\) differ in shape$"):
+        bucket_log_probs(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("objective,kw", [("logits", {"topk": 7}), ("logits", {"topk": None}),
@@ -263,6 +271,41 @@ def test_chunked_default_buckets_are_the_students_top_100_and_a_tail():
     out = chunked_divergence(torch.tensor([WIDE_S]), torch.tensor([WIDE_R]), identity, identity, torch.tensor([0]),
                              alpha=0.0)
     assert out.loss.item() == pytest.approx(kl(WIDE_BUCKETS_R, WIDE_BUCKETS_S), rel=1e-4)
+
+
+def test_chunked_with_no_tokens_returns_empty_columns():
+    identity = lambda x: x  # noqa: E731
+    out = chunked_divergence(torch.zeros(0, 3, dtype=torch.bfloat16), torch.zeros(0, 3, dtype=torch.bfloat16),
+                             identity, identity, torch.zeros(0, dtype=torch.long))
+    for name in ("loss", "student_logp", "teacher_logp", "entropy"):
+        col = getattr(out, name)
+        assert col.shape == (0,) and col.dtype == torch.float32, name  # float32 whatever the hidden dtype
+    assert out.agree.shape == (0,) and out.agree.dtype == torch.bool
+
+
+class CountingHead(torch.nn.Linear):
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("checkpoint,hidden_grad,calls", [
+    (True, True, 4),  # two chunks, each projected again in the backward pass: no [N, V] logits kept
+    (False, True, 2),
+    (True, False, 2),  # hidden states that need no gradient take the plain path (the head still gets one)
+    (False, False, 2),
+])
+def test_checkpointing_recomputes_each_chunk_in_the_backward_pass(checkpoint, hidden_grad, calls):
+    g = torch.Generator().manual_seed(5)
+    head, t_head = CountingHead(4, 9, bias=False), torch.nn.Linear(4, 9, bias=False)
+    hs = torch.randn(6, 4, generator=g).requires_grad_(hidden_grad)
+    ht = torch.randn(6, 4, generator=g)
+    out = chunked_divergence(hs, ht, head, t_head, torch.zeros(6, dtype=torch.long), chunk_size=3,
+                             checkpoint=checkpoint)
+    out.loss.sum().backward()
+    assert head.calls == calls and head.weight.grad is not None
 
 
 @pytest.mark.parametrize("n_teacher,n_ids", [(4, 5), (5, 4)])
