@@ -86,6 +86,16 @@ def test_topk_buckets_by_hand():
     log_s, log_t = bucket_log_probs(s, t, topk=2, add_tail=False)
     torch.testing.assert_close(log_s.exp(), torch.tensor([0.625, 0.375]), atol=1e-6, rtol=0)
     torch.testing.assert_close(log_t.exp(), torch.tensor([1 / 3, 2 / 3]), atol=1e-6, rtol=0)
+    # the same over a [2, 1, 4] batch: every row is renormalised on its own
+    log_s, log_t = bucket_log_probs(torch.stack([s, s])[:, None], torch.stack([t, t])[:, None], topk=2, add_tail=False)
+    torch.testing.assert_close(log_s.exp(), torch.tensor([0.625, 0.375]).expand(2, 1, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_t.exp(), torch.tensor([1 / 3, 2 / 3]).expand(2, 1, 2), atol=1e-6, rtol=0)
+    # k = 1: the student's top id (1) and the tail
+    log_s, log_t = bucket_log_probs(s, t, topk=1)
+    torch.testing.assert_close(log_s.exp(), torch.tensor([0.5, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_t.exp(), torch.tensor([0.1, 0.9]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="^topk must be ≥ 1 or None, got 0$"):
+        bucket_log_probs(s, t, topk=0)
     m = [(0.625 + 1 / 3) / 2, (0.375 + 2 / 3) / 2]
     want = 0.5 * kl([1 / 3, 2 / 3], m) + 0.5 * kl([0.625, 0.375], m)
     assert distill_divergence(s, t, topk=2, add_tail=False).item() == pytest.approx(want, rel=1e-5)
