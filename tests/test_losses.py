@@ -261,19 +261,26 @@ def test_chunked_equals_unchunked(objective, kw):
 
 def test_chunked_statistics_and_temperature_by_hand():
     """Identity heads over hidden states that are twice the log-probabilities: at temperature 2 the two models
-    are exactly P_S and P_T, so every output is a hand-computed number."""
+    are exactly the distributions below, so every output is a hand-computed number."""
     identity = lambda x: x  # noqa: E731
-    hs = 2 * logits_of(P_S).repeat(3, 1)
-    ht = 2 * logits_of(P_T).repeat(3, 1)
+    student = [P_S, P_T, P_S]  # top-1: ids 1, 0, 1
+    teacher = [[0.1, 0.6, 0.3], [0.8, 0.1, 0.1], P_T]  # top-1: ids 1, 0, 0
+    hs = 2 * torch.stack([logits_of(p) for p in student])
+    ht = 2 * torch.stack([logits_of(p) for p in teacher])
     ids = torch.tensor([0, 1, 2])
     out = chunked_divergence(hs, ht, identity, identity, ids, topk=None, temperature=2.0, chunk_size=2)
-    m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]
-    torch.testing.assert_close(out.loss, torch.full((3,), 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)), rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.student_logp, torch.tensor(P_S).log(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.teacher_logp, torch.tensor(P_T).log(), rtol=1e-5, atol=1e-6)
-    assert out.agree.tolist() == [False] * 3  # the student's top-1 is id 1, the teacher's id 0
-    entropy = -sum(p * math.log(p) for p in P_S)
-    torch.testing.assert_close(out.entropy, torch.full((3,), entropy), rtol=1e-5, atol=0)
+
+    def jsd(p, q):
+        m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+        return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+    torch.testing.assert_close(out.loss, torch.tensor([jsd(s, t) for s, t in zip(student, teacher, strict=True)]),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.student_logp, torch.tensor([0.2, 0.2, 0.3]).log(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_logp, torch.tensor([0.1, 0.1, 0.1]).log(), rtol=1e-5, atol=1e-6)
+    assert out.agree.tolist() == [True, True, False]
+    entropy = [-sum(p * math.log(p) for p in row) for row in student]
+    torch.testing.assert_close(out.entropy, torch.tensor(entropy), rtol=1e-5, atol=0)
 
 
 def test_chunked_default_buckets_are_the_students_top_100_and_a_tail():
@@ -312,8 +319,8 @@ def test_checkpointing_recomputes_each_chunk_in_the_backward_pass(checkpoint, hi
     head, t_head = CountingHead(4, 9, bias=False), torch.nn.Linear(4, 9, bias=False)
     hs = torch.randn(6, 4, generator=g).requires_grad_(hidden_grad)
     ht = torch.randn(6, 4, generator=g)
-    out = chunked_divergence(hs, ht, head, t_head, torch.zeros(6, dtype=torch.long), chunk_size=3,
-                             checkpoint=checkpoint)
+    kw = {} if checkpoint else {"checkpoint": False}  # on by default
+    out = chunked_divergence(hs, ht, head, t_head, torch.zeros(6, dtype=torch.long), chunk_size=3, **kw)
     out.loss.sum().backward()
     assert head.calls == calls and head.weight.grad is not None
 
