@@ -10,6 +10,7 @@ import torch
 from vopd_train.losses import (
     aggregate,
     anchor_divergence,
+    bucket_divergence,
     bucket_log_probs,
     chunked_divergence,
     distill_divergence,
@@ -41,6 +42,18 @@ def test_hand_computed_kls_and_jsd():
     m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]  # [.45, .35, .2]
     jsd = 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)
     assert distill_divergence(s, t, alpha=0.5, topk=None).item() == pytest.approx(jsd, rel=1e-5)
+
+
+def test_the_defaults_are_the_jsd_over_the_top_100_and_a_tail():
+    log_s, log_t = logits_of(P_S).log_softmax(-1), logits_of(P_T).log_softmax(-1)
+    m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]
+    assert bucket_divergence(log_s, log_t).item() == pytest.approx(0.5 * kl(P_T, m) + 0.5 * kl(P_S, m), rel=1e-5)
+    want = kl(WIDE_BUCKETS_R, WIDE_BUCKETS_S)
+    assert distill_divergence(torch.tensor([WIDE_S]), torch.tensor([WIDE_R]), alpha=0.0).item() == pytest.approx(
+        want, rel=1e-4)
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^alpha must be in \[0, 1\], got {alpha}$"):
+            bucket_divergence(log_s, log_t, alpha)
 
 
 def test_generalised_jsd_weights_the_mixture():
@@ -265,8 +278,9 @@ def test_chunked_statistics_and_temperature_by_hand():
     identity = lambda x: x  # noqa: E731
     student = [P_S, P_T, P_S]  # top-1: ids 1, 0, 1
     teacher = [[0.1, 0.6, 0.3], [0.8, 0.1, 0.1], P_T]  # top-1: ids 1, 0, 0
-    hs = 2 * torch.stack([logits_of(p) for p in student])
-    ht = 2 * torch.stack([logits_of(p) for p in teacher])
+    # shifted by 1: logits, not log-probabilities, so the normalisation is part of what is checked
+    hs = 2 * (torch.stack([logits_of(p) for p in student]) + 1)
+    ht = 2 * (torch.stack([logits_of(p) for p in teacher]) + 1)
     ids = torch.tensor([0, 1, 2])
     out = chunked_divergence(hs, ht, identity, identity, ids, topk=None, temperature=2.0, chunk_size=2)
 
