@@ -51,32 +51,38 @@ def build(args):
     return model, config
 
 
-def batches(args, config):
-    """The student's and the teacher's sequences: prompt = a few text tokens, the image's tokens, the question;
-    the teacher's image (the crop) has the same token count here, as a 2× zoomed crop often does."""
+def prompt(args, config, seed: int):
+    """One prompt of about `args.prefix` tokens: a few text tokens, the image's tokens, the question."""
     import torch
 
-    from vopd_train.rollout import EncodedPrompt, build_sequences
+    from vopd_train.rollout import EncodedPrompt
 
-    g = torch.Generator().manual_seed(1)
     side = int((args.prefix * 4) ** 0.5) // 2 * 2  # patches per side; 4 patches merge into one token
     grid = torch.tensor([[1, side, side]])
     n_image = side * side // 4
     text = args.prefix - n_image - 2
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.tensor([config.vision_start_token_id]),
+                     torch.full((n_image,), config.image_token_id), torch.tensor([config.vision_end_token_id]),
+                     torch.randint(0, args.vocab - 8, (text,), generator=gen)])
+    tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": (ids == config.image_token_id).long()}
+    pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=gen)
+    return EncodedPrompt(tokens, {"pixel_values": pixels, "image_grid_thw": grid}, "", None)
 
-    def prompt(seed: int) -> EncodedPrompt:
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.cat([torch.tensor([config.vision_start_token_id]),
-                         torch.full((n_image,), config.image_token_id), torch.tensor([config.vision_end_token_id]),
-                         torch.randint(0, args.vocab - 8, (text,), generator=gen)])
-        tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "mm_token_type_ids": (ids == config.image_token_id).long()}
-        pixels = torch.randn(side * side, 3 * 2 * 14 * 14, generator=gen)
-        return EncodedPrompt(tokens, {"pixel_values": pixels, "image_grid_thw": grid}, "", None)
 
+def batches(args, config):
+    """The student's and the teacher's sequences; the teacher's image (the crop) has the same token count here,
+    as a 2× zoomed crop often does."""
+    import torch
+
+    from vopd_train.rollout import build_sequences
+
+    g = torch.Generator().manual_seed(1)
     responses = [torch.randint(0, args.vocab - 8, (args.response,), generator=g).tolist() for _ in range(args.n)]
     owner = [0] * args.n
-    return (build_sequences([prompt(2)], responses, owner, 0), build_sequences([prompt(3)], responses, owner, 0))
+    return (build_sequences([prompt(args, config, 2)], responses, owner, 0),
+            build_sequences([prompt(args, config, 3)], responses, owner, 0))
 
 
 def peak_kib() -> int:

@@ -79,7 +79,7 @@ def test_batched_scoring_equals_one_unpadded_forward_per_sequence(fam):
 def test_rollouts_are_the_same_with_and_without_the_vision_once_path(fam, monkeypatch):
     """Qwen families: n rollouts sharing one vision-tower pass sample what the plain path (pixels repeated n
     times) samples under the same seed. Other families take the plain path both times."""
-    engine = HFRolloutEngine(fam.model, fam.processor)
+    engine = HFRolloutEngine(fam.model, fam.processor, prefix_sharing=False)  # the repeated-prompt path
     settings = SamplingSettings(n=3, max_new_tokens=4)
     torch.manual_seed(3)
     shared = engine.generate(fam.prompts, settings)

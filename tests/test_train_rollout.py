@@ -132,7 +132,7 @@ def test_shared_image_features_sample_the_same_rollouts(tiny, prompts, monkeypat
     """n rollouts of a prompt share one pass of its image through the vision tower; the samples are those of
     the plain path that repeats the pixels n times."""
     model, processor = tiny
-    engine = HFRolloutEngine(model, processor)
+    engine = HFRolloutEngine(model, processor, prefix_sharing=False)  # the repeated-prompt path
     settings = SamplingSettings(n=3, max_new_tokens=5)
     torch.manual_seed(7)
     shared = engine.generate(prompts, settings)

@@ -3,10 +3,12 @@ responses run against that prefix's cache.
 
 A distill step scores n responses per prompt, with the teacher (no gradient) and the student (with). The plain
 path (`rollout.response_hidden`) runs the whole prompt once per response: 2·n·(P+R) tokens for P prefix and R
-response tokens. Here the prefix runs once per prompt with `use_cache`, its cache is expanded n-fold by index
-(`reorder_cache` with index 0 repeated: a differentiable gather), and the n right-padded responses run against
-it: 2·(P + n·R) tokens. The expansion lives inside the autograd graph, so the prefix's activations receive the
-summed gradient of all n responses, exactly as the sum of n separate forwards would give them.
+response tokens. Here the micro-batch's prompts run once, in one forward, left padded, with `use_cache`; the
+cache is expanded to one row per response by index (`reorder_cache`: a differentiable gather), and all the
+right-padded responses run against it in a second forward: 2·(P + n·R) tokens. The expansion lives inside the
+autograd graph, so each prefix's activations receive the summed gradient of its n responses, exactly as the sum
+of n separate forwards would give them. Left padding changes no value: padded keys are masked out, and Qwen3.5's
+linear-attention layers zero padded inputs, which leaves their conv window and recurrent state at zero.
 
 Positions: M-RoPE (Qwen families) gives image tokens 3-D positions; text after the image continues from the
 largest position so far. The prefix gets its positions from the model's own `get_rope_index` and the response
@@ -30,10 +32,16 @@ import torch
 from torch import Tensor
 
 from vopd_bench.modeling import say_once
-from vopd_train.rollout import SeqBatch, _autocast, _config, backbone, response_hidden, unsupported
-
-# Model types whose shared-prefix scores equal the plain path's (losses 1e-5, gradients 1e-4 relative, float32).
-SHARED_MODEL_TYPES: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"})
+from vopd_train.prefill import SHARED_MODEL_TYPES
+from vopd_train.rollout import (
+    SeqBatch,
+    _autocast,
+    _config,
+    backbone,
+    collate_vision,
+    response_hidden,
+    unsupported,
+)
 
 
 def why_not_shared(model: Any) -> str | None:
@@ -61,52 +69,59 @@ def scored_hidden(model: Any, batch: SeqBatch, share: bool) -> Tensor:
 
 
 def shared_prefix_hidden(model: Any, batch: SeqBatch) -> Tensor:
-    """`response_hidden` computed with one prefix forward per distinct prompt (see the module docstring)."""
+    """`response_hidden` computed with one prefix forward for all the batch's prompts, left padded, and one
+    forward of all its responses against the expanded cache (see the module docstring)."""
     base = backbone(model)
+    try:
+        return _batched_hidden(base, batch)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise unsupported(getattr(_config(model), "model_type", type(model).__name__), "share prompt prefixes",
+                          e) from e
+
+
+def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
+    device = batch.input_ids.device
     lengths = batch.lengths.tolist()
-    starts = [0, *torch.cumsum(batch.lengths, 0).tolist()]
-    per_seq: list[Tensor | None] = [None] * len(lengths)
-    for i, vision in enumerate(batch.prompt_vision):
-        seqs = [k for k, p in enumerate(batch.seq_prompt) if p == i]
-        if not seqs:
-            continue
-        prefix_len = int(batch.pos[starts[seqs[0]]]) + 1  # the first response token is predicted by the prefix's last
-        try:
-            hidden = _prompt_hidden(base, batch, vision, seqs, prefix_len, [lengths[k] for k in seqs])
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise unsupported(getattr(_config(model), "model_type", type(model).__name__), "share prompt prefixes",
-                              e) from e
-        for k, h in zip(seqs, hidden, strict=True):
-            per_seq[k] = h
-    return torch.cat([h for h in per_seq if h is not None])
-
-
-def _prompt_hidden(base: Any, batch: SeqBatch, vision: dict[str, Tensor], seqs: list[int], prefix_len: int,
-                   lengths: list[int]) -> list[Tensor]:
-    """One prompt: its prefix once, then its responses `seqs` against the expanded cache. Returns, per response,
-    the hidden states that predict its tokens."""
-    n, width = len(seqs), max(lengths)
-    first = seqs[0]
-    prefix = {key: t[first:first + 1, :prefix_len] for key, t in batch.tokens.items()}
+    starts = [0, *torch.cumsum(batch.lengths, 0).tolist()[:-1]]
+    owner = batch.seq_prompt
+    first = {}  # prompt → its first sequence, whose first tokens are the prompt
+    for k, p in enumerate(owner):
+        first.setdefault(p, k)
+    prompts = sorted(first)  # every prompt of the batch has a sequence (build_sequences keeps only those used)
+    # the first response token is predicted by the prefix's last token
+    prefix_len = [int(batch.pos[starts[first[p]]]) + 1 for p in prompts]
+    width = max(prefix_len)
+    prefix = {}
+    for key, t in batch.tokens.items():  # left padded: every row's prefix ends in the last column
+        padded = t.new_full((len(prompts), width), 0)
+        for i, p in enumerate(prompts):
+            padded[i, width - prefix_len[i]:] = t[first[p], :prefix_len[i]]
+        prefix[key] = padded
+    vision = collate_vision([batch.prompt_vision[p] for p in prompts], batch.family)
     positions = mrope_positions(base, prefix, vision)
-    with _autocast(batch.input_ids.device):
+    with _autocast(device):
         out = base(**prefix, **vision, position_ids=positions, use_cache=True)
         cache = out.cache
-        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=positions.device))
+        row_of = {p: i for i, p in enumerate(prompts)}
+        rows = torch.tensor([row_of[p] for p in owner], device=device)
+        cache.reorder_cache(rows)
         _out_of_place_states(cache)
-        rows = torch.tensor(seqs, device=positions.device)
-        resp = {key: t[rows, prefix_len:prefix_len + width] for key, t in batch.tokens.items()}
+        resp_width = max(lengths)
+        at = torch.tensor([prefix_len[row_of[p]] for p in owner], device=device)[:, None] + torch.arange(
+            resp_width, device=device)  # where each response's tokens sit in its sequence (right-padded past the end)
+        resp = {key: torch.nn.functional.pad(t, (0, resp_width)).gather(1, at) for key, t in batch.tokens.items()}
         resp_mask = resp.pop("attention_mask")
-        mask = torch.cat([resp_mask.new_ones(n, prefix_len), resp_mask], 1)
-        steps = torch.arange(width, device=positions.device)
-        resp_pos = (positions.amax(dim=(1, 2), keepdim=True) + 1 + steps).expand(-1, n, -1)
+        mask = torch.cat([prefix["attention_mask"][rows], resp_mask], 1)
+        steps = torch.arange(resp_width, device=device)
+        resp_pos = positions.amax(dim=2, keepdim=True)[:, rows] + 1 + steps
         h = base(**resp, attention_mask=mask, position_ids=resp_pos, cache=cache, use_cache=True).last_hidden_state
-    last = out.last_hidden_state[0, -1:]
-    return [torch.cat([last, h[j, :length - 1]]) for j, length in enumerate(lengths)]
+    last = out.last_hidden_state[:, -1]
+    return torch.cat([torch.cat([last[row_of[p]][None], h[k, :lengths[k] - 1]]) for k, p in enumerate(owner)])
 
 
 def mrope_positions(base: Any, prefix: dict[str, Tensor], vision: dict[str, Tensor]) -> Tensor:
-    """The prefix's M-RoPE positions `[3, 1, P]` from the model's own rule (image grid → 3-D positions)."""
+    """The prefixes' M-RoPE positions `[3, P, W]` from the model's own rule (image grid → 3-D positions), with
+    left padding masked out."""
     positions, _ = base.get_rope_index(prefix["input_ids"], mm_token_type_ids=prefix["mm_token_type_ids"],
                                        image_grid_thw=vision.get("image_grid_thw"),
                                        attention_mask=prefix.get("attention_mask"))

@@ -24,6 +24,7 @@ from torch import Tensor
 from vopd_bench.errors import VopdError
 from vopd_bench.families import GENERIC, Family, family_of
 from vopd_bench.modeling import chat_text, encode, first_line, say_once, vision_token_ids
+from vopd_train.prefill import generate_from_shared_prefill, why_not_prefilled_once
 from vopd_train.sampling import generate_options
 
 
@@ -151,13 +152,16 @@ class RolloutEngine(Protocol):
 class HFRolloutEngine:
     """Sampling with transformers `generate` on the training model itself (so `sync_weights` is a no-op).
 
-    Vision special tokens are never sampled (drawing one breaks the image-token count); the prompt's tensors are
-    repeated n times instead of being re-encoded, and where the family has a vision-once path each prompt's image
-    goes through the vision tower once for its n rollouts.
+    Vision special tokens are never sampled (drawing one breaks the image-token count). With `prefix_sharing`,
+    where the family allows it (`vopd_train.prefill`), each prompt is prefilled once, its image through the vision
+    tower once, and its n rollouts decode from that cache. Otherwise the prompt's tensors are repeated n times
+    instead of being re-encoded, and where the family has a vision-once path each prompt's image goes through the
+    vision tower once for its n rollouts. Both paths draw the same tokens under per-row seeds.
     """
 
-    def __init__(self, model: Any, processor: Any):
+    def __init__(self, model: Any, processor: Any, prefix_sharing: bool = True):
         self.model = model
+        self.prefix_sharing = prefix_sharing
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.family = model_family(model)
@@ -170,35 +174,51 @@ class HFRolloutEngine:
         if not prompts:
             return []
         device = _device_of(self.model)
-        repeated = [p for p in prompts for _ in range(settings.n)]
-        owner = [i // settings.n for i in range(len(repeated))]
-        shared = settings.n > 1 and self.family.vision_once is not None and _generate_accepts_encoder_outputs(self.model)
-        if settings.n > 1 and not shared:
-            _say_no_vision_once(self.family)
-        inputs = collate_left(repeated, self.pad_id, self.family)
-        if shared:  # the pixels go in once per prompt below, not once per rollout
-            inputs = {k: v for k, v in inputs.items() if k not in self.family.tower_inputs}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        options = {**generate_options(settings.prompt_seeds, settings.n, settings.temperature),
+                   "max_new_tokens": settings.max_new_tokens, "bad_words_ids": self.bad_words,
+                   "pad_token_id": self.pad_id}
+        once = None  # the prompts, each once, where their rollouts share its prefill
+        if self.prefix_sharing and settings.n > 1:
+            once = _to(collate_left(prompts, self.pad_id, self.family), device)
+            reason = why_not_prefilled_once(getattr(_config(self.model), "model_type", None), once)
+            if reason is not None:
+                once = None
+                say_once(f"prefill-once:{reason}", f"{reason}: each rollout prefills its own copy of the prompt "
+                         "(slower, same samples)")
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), _autocast(device):
-                if shared:
-                    feats = self.family.vision_once(backbone(self.model), _to(collate_vision(
-                        [p.vision for p in prompts], self.family), device))
-                    inputs["mm_encoder_outputs"] = {"image": per_sequence(feats, owner)}
-                out = self.model.generate(**inputs, **generate_options(settings.prompt_seeds, settings.n,
-                                                                       settings.temperature),
-                                          max_new_tokens=settings.max_new_tokens,
-                                          bad_words_ids=self.bad_words, pad_token_id=self.pad_id)
+                if once is not None:
+                    out = generate_from_shared_prefill(self.model, backbone(self.model), once, set(prompts[0].tokens),
+                                                       settings.n, **options)
+                else:
+                    out = self._generate_repeated(prompts, settings.n, device, options)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise unsupported(_model_name(self.model), "sample rollouts", e) from e
         finally:
             self.model.train(was_training)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        new = out[:, max(len(p) for p in prompts):].tolist()
         return [Rollout(i // settings.n, self._trim(row)) for i, row in enumerate(new)]
+
+    def _generate_repeated(self, prompts: Sequence[EncodedPrompt], n: int, device: torch.device,
+                           options: dict[str, Any]) -> Tensor:
+        """The plain path: every prompt repeated n times, prefilled once per rollout."""
+        repeated = [p for p in prompts for _ in range(n)]
+        shared = n > 1 and self.family.vision_once is not None and _generate_accepts_encoder_outputs(self.model)
+        if n > 1 and not shared:
+            _say_no_vision_once(self.family)
+        inputs = collate_left(repeated, self.pad_id, self.family)
+        if shared:  # the pixels go in once per prompt below, not once per rollout
+            inputs = {k: v for k, v in inputs.items() if k not in self.family.tower_inputs}
+        inputs = _to(inputs, device)
+        if shared:
+            feats = self.family.vision_once(backbone(self.model), _to(collate_vision(
+                [p.vision for p in prompts], self.family), device))
+            inputs["mm_encoder_outputs"] = {"image": per_sequence(feats, [i // n for i in range(len(repeated))])}
+        return self.model.generate(**inputs, **options)
 
     def _trim(self, row: list[int]) -> list[int]:
         """Up to and including the first EOS; rows that finished early are padded after it (pitfall 8)."""

@@ -162,7 +162,7 @@ class Distiller:
             from vopd_train.rollout_vllm import VLLMRolloutEngine  # vLLM is imported only when asked for
 
             engine = VLLMRolloutEngine.for_trainer(cfg, model, self.processor)
-        self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor)
+        self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor, cfg.prefix_sharing)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
