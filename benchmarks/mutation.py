@@ -96,8 +96,8 @@ def run_module(module: str, tests: list[str], root: Path, max_children: int,
     work = root / module.replace("/", "__").removesuffix(".py")
     names: list[str] = []
     if rerun_survivors and (work / "mutants").is_dir():
-        names = results(work)[1]
-        names += [n for n in _listing(work) if _listing(work)[n] == "timeout"]  # a loaded machine times out
+        # survivors, timeouts (a loaded machine times out) and mutants no test reached (tests may reach them now)
+        names = [n for n, status in _listing(work).items() if status in ("survived", "timeout", "no tests")]
         for dest in (work / "tests", work / "mutants" / "tests"):
             shutil.rmtree(dest)
             shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--show-survivors", action="store_true", help="print the diff of each survivor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--rerun-survivors", action="store_true",
-                        help="test only the last run's survivors (and timeouts) again, against the current tests")
+                        help="test only the last run's survivors (and timeouts, and mutants no test reached) "
+                             "again, against the current tests")
     args = parser.parse_args()
 
     ensure_mutmut()

@@ -35,6 +35,25 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def lively_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its weights redrawn at a larger scale: its greedy answers depend on both the image and
+    the prompt (the tiny model's own answers are empty), so equal answers mean the same pixels and text."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
+    out = tmp_path_factory.mktemp("lively-vlm")
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """A tiny model's ops are too small to split across threads; on a shared CPU two threads are many times

@@ -1,5 +1,6 @@
 """Process-wide state that code under test may change: torch's thread count and RNG, Python's and NumPy's RNGs,
-and the environment. Tests must not see each other's changes, whatever order they run in."""
+the environment, and the notices already said once. Tests must not see each other's changes, whatever order they
+run in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from vopd_bench import modeling
+
 
 @contextmanager
 def preserved_global_state() -> Iterator[None]:
@@ -19,6 +22,7 @@ def preserved_global_state() -> Iterator[None]:
     py_rng = random.getstate()
     np_rng = np.random.get_state()
     environ = dict(os.environ)
+    said = set(modeling._said)  # a notice said once by an earlier test would be missing from this one's output
     try:
         yield
     finally:
@@ -30,3 +34,5 @@ def preserved_global_state() -> Iterator[None]:
         if dict(os.environ) != environ:
             os.environ.clear()
             os.environ.update(environ)
+        modeling._said.clear()
+        modeling._said.update(said)

@@ -1,14 +1,13 @@
 """The `openai` backend against a real HTTP server on loopback that serves a tiny model through the `hf` backend.
 
-The model is the tiny random Qwen2-VL with its weights redrawn at a larger scale, so that its answers depend on
-both the image and the prompt: identical answers through HTTP then mean the server saw the same pixels and text.
+The model is `lively_model_dir` (conftest): its answers depend on both the image and the prompt, so identical
+answers through HTTP mean the server saw the same pixels and text.
 """
 
 import json
 import threading
 
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from vopd_bench.backends import get_backend
@@ -27,22 +26,6 @@ from vopd_bench.serve import FaultConfig, SleepBackend, parse_chat_request, serv
 
 GEN = GenerationConfig(max_new_tokens=5)
 FAST = {"backoff_base": 0.005, "backoff_max": 0.05}  # retries in tests: milliseconds, not seconds
-
-
-@pytest.fixture(scope="module")
-def lively_model_dir(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in model.parameters():
-            if w.dim() == 2:
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
-    out = tmp_path_factory.mktemp("lively-vlm")
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
 
 
 def _image(i: int) -> Image.Image:
@@ -68,6 +51,47 @@ def expected(hf_backend):
     assert all(r.error is None for r in responses)
     assert len(set(texts)) >= 4, texts  # the answers depend on the input, so agreement below means something
     return texts
+
+
+def test_hf_batched_answers_equal_unbatched(hf_backend, expected):
+    """Six prompts of different lengths with images of different sizes, padded into one batch, get the greedy
+    answers each gets alone."""
+    assert hf_backend.preferred_batch_size >= len(REQUESTS)  # `expected` was one batch
+    assert [hf_backend.generate([r], GEN)[0].text for r in REQUESTS] == expected
+
+
+def test_concurrency_bounds_the_requests_in_flight():
+    """`--concurrency 3`: three requests in flight together, never a fourth. The server holds each request at a
+    barrier of three, so the bound is reached whatever the timing, and a client that sent fewer would break the
+    barrier. A client that sent more is seen above the bound when its extra requests reach the server before a
+    wave is released (most runs, not every one: nothing but a wait could prove that no fourth is coming)."""
+    concurrency, total = 3, 9
+    lock = threading.Lock()
+    in_flight = peak = 0
+    barrier = threading.Barrier(concurrency, timeout=60)
+
+    class Gate(SleepBackend):
+        def generate(self, requests, gen):
+            nonlocal in_flight, peak
+            with lock:
+                in_flight += len(requests)
+                peak = max(peak, in_flight)
+            try:
+                barrier.wait()
+                return super().generate(requests, gen)
+            finally:
+                with lock:  # before the answer is sent, so the client's next request cannot overlap this one
+                    in_flight -= len(requests)
+
+    # one request per backend call, and more workers than the bound, so the server never queues
+    with serve_backend(Gate(0.0), max_batch=1, workers=2 * concurrency) as server:
+        client = OpenAIBackend("sleep", base_url=server.url, concurrency=concurrency, **FAST)
+        requests = [Request(str(i), _image(i % 6), f"question {i}") for i in range(total)]
+        got = client.generate(requests, GEN)
+        client.close()
+        assert server.stats.answered == total
+    assert all(r.error is None for r in got)
+    assert peak == concurrency
 
 
 def test_answers_equal_the_hf_backend(hf_backend, expected):
@@ -158,7 +182,8 @@ def test_api_key_goes_in_the_header_only(hf_backend, monkeypatch):
         client = OpenAIBackend("tiny", base_url=server.url, api_key_env="VOPD_TEST_KEY", timeout=30, **FAST)
         got = client.generate(REQUESTS[:2], GEN)
         assert all(r.error is None for r in got)
-        assert server.stats.authorizations["bearer"] >= 3 and server.stats.authorizations["wrong"] == 0
+        # one GET /models when the backend starts, one POST per request: each carries the key
+        assert dict(server.stats.authorizations) == {"bearer": 3}
         assert secret not in client.fingerprint() and secret not in repr(got)
         client.close()
         # without the key, the server's 401 stops the run before any request

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def backend(tiny_model_dir):
-    b = HFBackend(str(tiny_model_dir), batch_size=4, threads=1)
+def backend(lively_model_dir):
+    b = HFBackend(str(lively_model_dir), batch_size=4, threads=1)
     inner = b._generate_batch
+    b.clean = inner  # the unpatched path, for the answers each request gets alone
 
     def fails_with_bad(requests, gen):  # a request that breaks any batch holding it, as a corrupt input would
         if any(r.key == "bad" for r in requests):
@@ -33,9 +34,12 @@ def test_a_failing_request_is_isolated_said_once_and_counted(backend, capsys):
     gen = GenerationConfig(max_new_tokens=2)
     first = backend.generate(requests, gen)
     second = backend.generate(requests, gen)
+    alone = [backend.clean([r], gen)[0].text for r in requests[::2]]
+    assert all(alone), alone  # the lively model says something, so equal answers below mean something
     for answers in (first, second):
         assert [a.error is None for a in answers] == [True, False, True]
         assert answers[1].error == "RuntimeError: cannot process the image of request bad"
+        assert [answers[0].text, answers[2].text] == alone  # the others in the batch still answer, as alone
     assert backend.batch_splits == 2
     err = capsys.readouterr().err
     assert err.count("note:") == 1  # once per backend, not once per split

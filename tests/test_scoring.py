@@ -58,6 +58,10 @@ MCQ_TABLE: list[tuple[str, str | None]] = [
     ("I'd go with C", "C"),
     ("Looking at the sign, it is clearly (A).", "A"),
     ("Therefore, B.", "B"),
+    ("It's B here.", "B"),  # a connective with its punctuation
+    # typographic quotes read as ASCII ones
+    ("‘B’", "B"),
+    ("It’s C, I think.", "C"),
     # the option's text alone
     ("red", "A"),
     ("Red.", "A"),
@@ -70,6 +74,8 @@ MCQ_TABLE: list[tuple[str, str | None]] = [
     ("I'm not sure.", None),
     ("A or B", None),
     ("(A) or (B)", None),
+    ("(A) or (B) probably", None),  # the bracket makes (B) a label, whatever word follows
+    ("(A)X or B", "A"),  # text glued to the bracket: " or B" does not follow the letter
     ("B and D", None),
     ("The answer is A. Wait, the answer is B.", None),
     ("option A is red, option B is blue", None),
@@ -99,7 +105,9 @@ def test_letters_beyond_two_options_are_invalid() -> None:
     assert extract_letter("C", 2) is None
     assert extract_letter("The answer is (C).", 2) is None
     assert extract_letter("(B)", 2) == "B"
-    assert extract_letter("B", 0) is None
+    assert extract_letter("B", 0) is None and extract_letter("A", 0) is None
+    # a one-option question: its one letter, stated in a sentence, is in range
+    assert extract_letter("The answer is A", 1) == "A"
 
 
 def test_option_text_needs_an_unambiguous_option() -> None:
@@ -177,6 +185,10 @@ def test_extract_yesno(response: str, expected: str | None) -> None:
         ("two", "2"),
         ("Twenty-one", "21"),
         ("thirty two", "32"),
+        ("twenty one cars", "21 cars"),  # the words after a compound number are kept
+        ("twenty one two", "21 2"),  # a compound takes one unit, not two
+        ("twenty zero", "20 0"),  # only units 1-9 join a tens word
+        ("twenty ten", "20 10"),
         ("twenty", "20"),
         ("3.50", "3.5"),
         ("3.0", "3"),
@@ -215,6 +227,8 @@ def test_score_mcq_with_options_in_the_question() -> None:
     s = Sample(id="q", image="x.png", question="Which is closer? (A) box (B) cup (E) pen", answer="E")
     assert score(s, "(E)") == Score("E", True, False)
     assert score(s, "pen") == Score(None, False, True)
+    x = Sample(id="q", image="x.png", question="Pick one of (A)..(X).", answer="X")
+    assert score(x, "X") == Score("X", True, False)  # the 24th letter is as valid as the first
 
 
 def test_score_yesno_short_number() -> None:
@@ -236,7 +250,7 @@ def test_score_yesno_short_number() -> None:
 
 
 def test_unscorable_samples_raise_sample_error() -> None:
-    with pytest.raises(SampleError, match="no reference answer"):
+    with pytest.raises(SampleError, match=r"^sample has no reference answer to score against$"):
         score(_mcq(answer=""), "B")
     with pytest.raises(SampleError, match="not a number"):
         score(Sample(id="n", image="x.png", question="?", answer="many", answer_type="number"), "3")
@@ -297,6 +311,9 @@ VERDICTS: list[tuple[str, str, str, str | None, bool]] = [
     ("number", "2", "-2", "-2", False),
     ("number", "1000", "1,000", "1000", True),
     ("number", "1000000", "1000001", "1000001", False),  # a relative tolerance must stay tiny
+    ("number", "1000000", "1000000.0005", "1000000.0005", True),  # 5e-10 relative: within 1e-9
+    ("number", "1000000000", "1000000001", "1000000001", True),  # exactly 1e-9 relative: the bound is inclusive
+    ("number", "0.5", "0.5000000015", "0.5000000015", False),  # below 1 the tolerance is 1e-9 absolute
     ("number", "0.5", "0.50", "0.5", True),
     ("number", "3", "3 or 4", None, False),
     ("number", "3", "no number", None, False),

@@ -31,6 +31,9 @@ COMMITTED = ROOT / "reports" / "toy"
 CARD = ROOT / "vopd_bench" / "toy" / "MODEL_CARD.md"
 README = ROOT / "README.md"
 VIEWS = ("full", "crop", "box")
+# The whole toy run is this module's fixture: give it the subprocess's own limit, not the suite's 600 s per test
+# (on a 2-core machine busy with other work the run took longer than 600 s and the six tests errored).
+pytestmark = pytest.mark.timeout(1800)
 CANVAS = 224  # synthetic:test images are 224 x 224
 
 

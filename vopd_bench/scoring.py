@@ -123,7 +123,8 @@ def _claims(text: str, m: re.Match[str], *, strict_follow: bool) -> set[str]:
     letter, rest = m.group(1), text[m.end(1):]
     after = rest.lstrip(")]")
     alt = _ALTERNATIVE.match(after)
-    if alt and _stands_as_letter(after[alt.end():].lstrip(")]")):
+    # a closing bracket after the second letter marks it a label too: "(A) or (B) probably" names two letters
+    if alt and _stands_as_letter(after[alt.end():]):
         return {letter, alt.group(1)}
     if not strict_follow or _stands_as_letter(rest):
         return {letter}
