@@ -62,7 +62,7 @@ def test_proportion():
     assert est.ci_low < est.value < est.ci_high
     assert (est.ci_low, est.ci_high) == pytest.approx(stats.wilson_ci(5, 8))
     empty = stats.proportion([])
-    assert empty.n == 0 and math.isnan(empty.value) and math.isnan(empty.ci_low)
+    assert empty.n == 0 and math.isnan(empty.value) and math.isnan(empty.ci_low) and math.isnan(empty.ci_high)
     with pytest.raises(ValueError):
         stats.proportion([0, 2, 1])
 
