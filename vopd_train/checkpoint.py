@@ -43,7 +43,7 @@ def state_dir(out: Path) -> Path | None:
 
 def save_state(out: Path, *, meta: dict[str, Any], student: dict[str, torch.Tensor], optimizer: Any,
                scheduler: Any, teacher: dict[str, torch.Tensor]) -> None:
-    tmp, final, old = out / (STATE + ".tmp"), out / STATE, out / (STATE + ".old")
+    tmp = out / (STATE + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -56,6 +56,13 @@ def save_state(out: Path, *, meta: dict[str, Any], student: dict[str, torch.Tens
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     body = {**meta, "optimizer": opt_meta, "scheduler": sched, "python_rng": _py_rng(), "numpy_rng": _np_rng()}
     (tmp / "trainer_state.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
+    publish_state(out)
+
+
+def publish_state(out: Path) -> None:
+    """Swap the finished `state.tmp` in as `state`: the previous state becomes `state.old` first and goes last,
+    so a save interrupted at any point leaves one complete state for `state_dir`."""
+    tmp, final, old = out / (STATE + ".tmp"), out / STATE, out / (STATE + ".old")
     if final.exists():
         if old.exists():
             shutil.rmtree(old)

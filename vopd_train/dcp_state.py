@@ -77,7 +77,7 @@ def _untied(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 def save(out: Path, *, meta: dict[str, Any], model: Any, optimizer: Any, scheduler: Any,
          teacher: dict[str, Tensor]) -> None:
     """Collective: every rank calls it. Rank 0 writes the JSON and swaps the folder in."""
-    tmp, final, old = out / (checkpoint.STATE + ".tmp"), out / checkpoint.STATE, out / (checkpoint.STATE + ".old")
+    tmp = out / (checkpoint.STATE + ".tmp")
     flat, groups = _flat(model, optimizer, teacher)
     if distributed.rank() == 0:
         if tmp.exists():
@@ -92,13 +92,7 @@ def save(out: Path, *, meta: dict[str, Any], model: Any, optimizer: Any, schedul
                 "scheduler": sched, "torch_rng": torch.get_rng_state().tolist(), "python_rng": checkpoint._py_rng(),
                 "numpy_rng": checkpoint._np_rng()}
         (tmp / "trainer_state.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+        checkpoint.publish_state(out)
     distributed.barrier()
 
 
