@@ -58,6 +58,22 @@ def write_benchmark(folder: Path, n: int, name: str = "toyset") -> Path:
     return path
 
 
+class SaysBackend:
+    """Gives the same reply to every request."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def fingerprint(self) -> str:
+        return f"says-{self.text}"
+
+    def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
+        return [Response(self.text) for _ in requests]
+
+    def close(self) -> None:
+        pass
+
+
 class ScriptedBackend:
     """Answers by a fixed script: which sample (from the question) and which view (the box hint in the
     prompt, or an image smaller than the canvas for the crop) decide whether the answer is right."""

@@ -9,8 +9,8 @@ import hub_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
+from report_fixtures import SaysBackend
 
-from vopd_bench.backends.base import Response
 from vopd_bench.benchmarks import load
 from vopd_bench.benchmarks.box_recovery import MIN_SCORE, recover_box
 from vopd_bench.runner import GapReportConfig, run_gap_report
@@ -117,19 +117,9 @@ def test_zoombench_boxes_are_recovered_from_crops(zoom):
 
 
 def test_recovered_boxes_give_zoombench_a_box_view_and_gap_split(zoom, tmp_path):
-    class AnswersA:
-        def fingerprint(self) -> str:
-            return "always-a"
-
-        def generate(self, requests, gen):
-            return [Response("A") for _ in requests]
-
-        def close(self) -> None:
-            pass
-
     cfg = GapReportConfig(model="always-a", benchmarks=["zoombench"], out=str(tmp_path), quiet=True,
                           data_dir=str(zoom))
-    result = run_gap_report(cfg, backend=AnswersA())
+    result = run_gap_report(cfg, backend=SaysBackend("A"))
     views = {(r.sample_id, r.view): r for r in result.records}
     assert {v for (sid, v) in views if sid == "zr-x2"} == {"full", "crop", "box"}
     assert {v for (sid, v) in views if sid == "zr-foreign"} == {"full", "crop"}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hub_fixtures as fx
 import pyarrow.parquet as pq
 import pytest
+from report_fixtures import SaysBackend
 
 from vopd_bench.analysis import records_frame
-from vopd_bench.backends.base import Response
 from vopd_bench.benchmarks import load
 from vopd_bench.benchmarks.hub.pope import original_pope_answer, original_pope_scorer
 from vopd_bench.benchmarks.hub.zoombench import _adapt as zoombench_adapt
@@ -117,20 +117,11 @@ def test_original_pope_reading(response, reading):
 
 
 def test_pope_original_variant_scores_unparsed_answers_as_yes(data, tmp_path):
-    class Scripted:
-        def fingerprint(self) -> str:
-            return "scripted"
-
-        def generate(self, requests, gen):
-            return [Response("I cannot tell.") for _ in requests]
-
-        def close(self) -> None:
-            pass
-
     for name, want in (("pope", [False, False, False]), ("pope@original", [True, True, False])):
         cfg = GapReportConfig(model="scripted", benchmarks=[name], out=str(tmp_path / name), quiet=True,
                               data_dir=str(data))
-        recs = sorted(run_gap_report(cfg, backend=Scripted()).records, key=lambda r: r.sample_id)
+        result = run_gap_report(cfg, backend=SaysBackend("I cannot tell."))
+        recs = sorted(result.records, key=lambda r: r.sample_id)
         assert [r.correct for r in recs] == want, name  # answers: yes, yes, no
         assert all(r.parse_failed for r in recs) == (name == "pope")
     sample = Sample(id="x", image=b"", question="Is there a dog?", answer="no", answer_type="yesno")
@@ -138,18 +129,8 @@ def test_pope_original_variant_scores_unparsed_answers_as_yes(data, tmp_path):
 
 
 def test_vstar_question_without_a_box_gets_its_full_view_scored(data, tmp_path):
-    class AnswersA:
-        def fingerprint(self) -> str:
-            return "always-a"
-
-        def generate(self, requests, gen):
-            return [Response("A") for _ in requests]
-
-        def close(self) -> None:
-            pass
-
     cfg = GapReportConfig(model="always-a", benchmarks=["vstar"], out=str(tmp_path), quiet=True, data_dir=str(data))
-    result = run_gap_report(cfg, backend=AnswersA())
+    result = run_gap_report(cfg, backend=SaysBackend("A"))
     views = {}
     for r in result.records:
         views.setdefault(r.sample_id, {})[r.view] = r

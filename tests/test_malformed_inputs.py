@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageFile
+from report_fixtures import SaysBackend
 
 from vopd_bench import benchmarks, images
-from vopd_bench.backends.base import Response
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.images import load_image
 from vopd_bench.runner import GapReportConfig, run_gap_report
@@ -208,19 +208,9 @@ def test_a_run_over_bad_images_scores_the_good_rows(tmp_path: Path) -> None:
     data = tmp_path / "d.jsonl"
     data.write_text(_jsonl(*rows), encoding="utf-8")
 
-    class SaysB:
-        def fingerprint(self) -> str:
-            return "says-b"
-
-        def generate(self, requests, gen):
-            return [Response("B") for _ in requests]
-
-        def close(self) -> None:
-            pass
-
     cfg = GapReportConfig(model="says-b", benchmarks=[f"local:{data}"], views=("full",), out=str(tmp_path / "out"),
                           quiet=True)
-    recs = {r.sample_id: r for r in run_gap_report(cfg, backend=SaysB()).records}
+    recs = {r.sample_id: r for r in run_gap_report(cfg, backend=SaysBackend("B")).records}
     assert recs["r1"].error is None and recs["r1"].correct
     assert "over the 100 MP limit" in recs["bomb"].error
     assert "corrupt or unreadable" in recs["cut"].error
