@@ -138,16 +138,23 @@ def child(args) -> None:
               open(args.child_out, "w"))
 
 
-def main() -> None:
+def model_arguments() -> argparse.ArgumentParser:
+    """The options `build` and `prompt` read (model shape, prefix length, n, threads): shared with the rollout
+    benchmark, which measures the same model and prompt."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefix", type=int, default=1000)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--response", type=int, default=48)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def main() -> None:
+    ap = model_arguments()
+    ap.add_argument("--response", type=int, default=48)
     ap.add_argument("--child-out")
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--share", action="store_true")

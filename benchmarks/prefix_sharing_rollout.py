@@ -16,7 +16,6 @@ paths' samples are compared token for token.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,20 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prefix", type=int, default=1000)
-    ap.add_argument("--n", type=int, default=8)
+    from prefix_sharing import build, model_arguments, prompt
+
+    ap = model_arguments()
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
     import torch
-    from prefix_sharing import build, prompt
 
     from vopd_train import rollout
     from vopd_train.rollout import HFRolloutEngine, SamplingSettings
