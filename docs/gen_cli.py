@@ -3,17 +3,21 @@
     python docs/gen_cli.py            # rewrite docs/reference/cli.md
     python docs/gen_cli.py --check    # exit 1 if the committed page is stale
 
-The page is Typer's own Markdown rendering of every command (`typer ... utils docs`), walked from the same click
-tree that `vopd --help` prints, so it cannot drift from the code: `tests/test_cli_reference.py` fails when the
-committed page differs from a fresh rendering.
+The page walks the same click tree that `vopd --help` prints: every command's help, usage, and each argument and
+option with click's own help record (name, value placeholder, help text and default, as `--help` shows them),
+grouped by the help panels `--help` uses. So it cannot drift from the code: `tests/test_cli_reference.py` fails
+when the committed page differs from a fresh rendering.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 from pathlib import Path
+
+import typer
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "reference" / "cli.md"
@@ -38,25 +42,57 @@ def _escape_outside_code(line: str) -> str:
     return "".join(parts)
 
 
-def render() -> str:
-    import typer
-    from typer.cli import get_docs_for_click
+def _command_docs(command, ctx, path: str, level: int) -> list[str]:
+    """One command's section: help, usage, arguments, then its options grouped by their help panel (the groups
+    `--help` shows), then its subcommands. Help records are click's own, so defaults appear as `--help` shows
+    them."""
+    out = [f"{'#' * level} `{path}`", ""]
+    if command.help:
+        out += [inspect.cleandoc(command.help), ""]
+    pieces = command.collect_usage_pieces(ctx)
+    out += ["**Usage**:", "", "```console", f"$ {path} {' '.join(pieces)}".rstrip(), "```", ""]
+    arguments: list[tuple[str, str]] = []
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for param in command.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record is None:
+            continue
+        if param.param_type_name == "argument":
+            arguments.append(record)
+        else:
+            panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+    for title, records in [("Arguments", arguments), *panels.items()]:
+        if records:
+            out += [f"**{title}**:", ""]
+            out += [f"* `{name}`" + (f": {' '.join(text.split())}" if text else "") for name, text in records]
+            out.append("")
+    subcommands = command.list_commands(ctx) if hasattr(command, "list_commands") else []
+    if subcommands:
+        out += ["**Commands**:", ""]
+        for name in subcommands:
+            sub = command.get_command(ctx, name)
+            out.append(f"* `{name}`: {sub.get_short_help_str(limit=90)}")
+        out.append("")
+        for name in subcommands:
+            sub = command.get_command(ctx, name)
+            out += _command_docs(sub, typer.Context(sub, info_name=name, parent=ctx), f"{path} {name}", level + 1)
+    return out
 
+
+def render() -> str:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from vopd_bench import cli
 
     cli._register_commands()  # what `vopd` itself does before it runs: the reports and distill commands
     group = typer.main.get_command(cli.app)
-    text = get_docs_for_click(obj=group, ctx=typer.Context(group, info_name="vopd"), name="vopd",
-                              title="CLI reference")
     lines, in_fence = [], False
-    for line in text.splitlines():
+    for line in _command_docs(group, typer.Context(group, info_name="vopd"), "vopd", 1)[1:]:
         if line.startswith("```"):
             in_fence = not in_fence
         lines.append(line if in_fence or line.startswith("#") else _escape_outside_code(line))
-    title, rest = lines[0], "\n".join(lines[1:]).strip("\n")
-    return f"{title}\n\n{NOTE}\n{rest}\n"
+    body = "\n".join(lines).strip("\n")
+    return f"# CLI reference\n\n{NOTE}\n{body}\n"
 
 
 def main() -> None:
