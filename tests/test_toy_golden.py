@@ -1,15 +1,16 @@
 """The golden test of the embedded default: `vopd gap-report toy`, run through the installed CLI exactly as the
 README tells a newcomer to run it, must reproduce every committed number.
 
-It checks the run against four committed sources, each independently of the code that wrote them:
+It checks the run against five committed sources, each independently of the code that wrote them:
 - `reports/toy/summary.csv`, value by value;
 - `reports/toy/samples.jsonl`, answer by answer;
-- the README's printed table, the prose around it and the "before" column of the distill table;
+- the README's printed table and the prose around it;
+- the toy results page (docs/results/toy.md): its gap-report table and the "before" column of its distill table;
 - the model card's accuracy tables.
 
 Any drift fails: a change to decoding, prompts, views, scoring or statistics, or an edit of one committed number.
 When a change is meant to move the numbers, regenerate `reports/toy/` with the README's command and update the
-README and the model card to match.
+README, docs/results/toy.md and the model card to match.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "reports" / "toy"
 CARD = ROOT / "vopd_bench" / "toy" / "MODEL_CARD.md"
 README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results" / "toy.md"
 VIEWS = ("full", "crop", "box")
 # The whole toy run is this module's fixture: give it the subprocess's own limit, not the suite's 600 s per test
 # (on a 2-core machine busy with other work the run took longer than 600 s and the six tests errored).
@@ -149,15 +151,33 @@ def test_the_readme_numbers_are_the_runs(run):
                              "<0.001" if p < 0.001 else f"{p:.3f}"]
     readme = README.read_text()
     assert f"The gap is {_pct(acc['crop'] - acc['full'])} points." in readme
-    # The distill table's "before" column is this run.
+
+    # The results page: its gap-report row (signed gaps, CIs on the accuracies too) and the distill table's
+    # "before" column, which is this run.
+    results = RESULTS.read_text()
+
+    def acc_cell(view: str) -> str:
+        r = s[("synthetic", "all", f"acc_{view}")]
+        return f"{_pct(float(r['value']))} [{_pct(float(r['ci_low']))}, {_pct(float(r['ci_high']))}]"
+
+    def signed_cell(metric: str) -> str:  # +74.6 [+70.8, +78.2], with the typographic minus
+        r = s[("synthetic", "all", metric)]
+        v, lo, hi = (f"{100 * float(r[c]):+.1f}".replace("-", "−") for c in ("value", "ci_low", "ci_high"))
+        return f"{v} [{lo}, {hi}]"
+
+    [row] = [x for x in results.splitlines() if x.startswith("| synthetic | ")]
+    assert [c.strip() for c in row.strip().strip("|").split("|")] == [
+        "synthetic", "504", acc_cell("full"), acc_cell("crop"), acc_cell("box"), signed_cell("gap"),
+        signed_cell("gap_locate"), signed_cell("gap_zoom"), "< 0.001" if p < 0.001 else f"{p:.3f}"]
+    distill = results.split("## Distilling the toy", 1)[1].split("\n#", 1)[0]
     before = {
         "full": acc["full"], "crop": acc["crop"], "box": acc["box"], "gap (crop − full)": acc["crop"] - acc["full"],
         "mean of full and crop": (acc["full"] + acc["crop"]) / 2,
     }
     for label, value in before.items():
-        row = re.search(rf"^\| {re.escape(label)} \| ([\d.]+) \|", readme, re.M)
-        assert row is not None, label
-        assert row.group(1) == _pct(value), (label, row.group(1), _pct(value))
+        found = re.search(rf"^\| {re.escape(label)} \| ([\d.]+) \|", distill, re.M)
+        assert found is not None, label
+        assert found.group(1) == _pct(value), (label, found.group(1), _pct(value))
 
 
 def _card_table(title: str) -> list[list[str]]:
