@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -324,6 +325,7 @@ class _Refused(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connections
+    default_request_version = "HTTP/1.1"  # even an answer to a garbled request line has a status line
     timeout = None  # socket timeouts are set per request from the limits (handle_one_request)
     disable_nagle_algorithm = True  # small answers go out at once instead of waiting for a delayed ACK
     wbufsize = -1  # buffered: headers and body leave in one write; http.server flushes after each request
@@ -383,6 +385,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         return True
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a garbled request line, headers too long, an unknown method) in the API's
+        JSON shape; a request cut off at the read timeout is a 408, whatever it looked like when cut."""
+        self.close_connection = True
+        if self.server.deadlines.is_cut(self.connection):
+            code, message = 408, f"the request did not arrive within {self.limits.read_timeout:g} s (--read-timeout)"
+        self._error(code, message or HTTPStatus(code).phrase)
+
     def _send(self, status: int, payload: bytes, content_type: str = "application/json",
               retry_after: int | None = None) -> None:
         self.send_response(status)
@@ -409,7 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self._declared_length()
         if length is None or length > min(_DISCARD_LIMIT, self.limits.max_body_bytes) or r.status == 408:
             self.close_connection = True
-        elif length and self._read_body(length) is None:
+        elif length and not self._discard_body(length):
             self.close_connection = True
         self._error(r.status, str(r), r.kind, r.retry_after)
 
@@ -470,6 +480,18 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             body = b""
         return body if len(body) == length else None
+
+    def _discard_body(self, length: int) -> bool:
+        """Read and drop `length` bytes, a piece at a time; False when they did not all arrive in time."""
+        try:
+            while length > 0:
+                got = self.rfile.read1(min(length, 65536))
+                if not got:
+                    return False
+                length -= len(got)
+        except OSError:
+            return False
+        return True
 
     # -- endpoints ------------------------------------------------------------------------------------------
 
