@@ -109,6 +109,13 @@ class Gate(SleepBackend):
         return super().generate(requests, gen)
 
 
+def _wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server never got there"
+        time.sleep(0.01)
+
+
 def _server(backend=None, **limits):
     return serve_backend(backend or SleepBackend(0.0), model_name="toy", api_key=KEY, max_batch=1,
                          limits=ServeLimits(**limits))
@@ -326,8 +333,7 @@ def test_a_full_queue_answers_429_with_retry_after_at_once():
         for t in threads:
             t.start()
         assert gate.entered.acquire(timeout=10)  # the first is in the model, the second queued behind it
-        while server.admission.in_use < 2:
-            time.sleep(0.01)
+        _wait_until(lambda: server.admission.in_use == 2)
         t0 = time.monotonic()
         status, headers, _ = _post(server.port, _body("three"))
         assert status == 429 and int(headers["Retry-After"]) >= 1 and time.monotonic() - t0 < 0.5
@@ -345,12 +351,10 @@ def test_the_queue_memory_budget_is_reserved_before_a_body_is_read():
     with _server(max_body_bytes=MB, max_queue_bytes=3 * MB) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
             slow.sendall(_head(MB))  # and no body yet
-            while server.admission.held < 3 * MB:
-                time.sleep(0.01)
+            _wait_until(lambda: server.admission.held == 3 * MB)
             status, headers, _ = _raw(server.port, _head(MB) + b"x" * MB)
             assert status == 429 and "retry-after" in headers
-        while server.admission.in_use:
-            time.sleep(0.01)
+        _wait_until(lambda: server.admission.in_use == 0)
         assert _post(server.port, _body())[0] == 200
 
 
