@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vopd_bench.errors import VopdError
+from vopd_bench.errors import VopdError, write_error
 
 app = typer.Typer(
     name="vopd",
@@ -196,8 +196,12 @@ def main() -> None:
     _register_commands()
     try:
         app()
-    except VopdError as e:
-        err_console.print(f"[bold red]error:[/] {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
+    except Exception as e:
+        # a failed write outside the commands' own output folders (which name theirs): one line, not a traceback
+        err = e if isinstance(e, VopdError) else write_error(e)
+        if err is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {' '.join(str(err).split())}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished work is saved, rerun the same command to resume")

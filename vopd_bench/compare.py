@@ -25,7 +25,7 @@ import pandas as pd
 
 from vopd_bench import analysis, stats
 from vopd_bench.analysis import ALL, CANONICAL_VIEWS, GAP_METRICS, RecordLike
-from vopd_bench.errors import VopdError
+from vopd_bench.errors import VopdError, writing_to
 
 COMPARE_COLUMNS = ["benchmark", "category", "metric", "a", "b", "diff", "ci_low", "ci_high", "n", "n_a", "n_b",
                    "a_only", "b_only", "mcnemar_p"]
@@ -244,5 +244,6 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, out_dir: str | Path | Non
     only_a, only_b = sorted(benches_a - benches_b), sorted(benches_b - benches_a)
     if out_dir is None:
         out_dir = Path("reports") / "compare" / f"{dir_a.resolve().name}_vs_{dir_b.resolve().name}"
-    files = write_comparison(cmp, out_dir, label_a, label_b, only_a, only_b)
+    with writing_to(out_dir, resumes=False):
+        files = write_comparison(cmp, out_dir, label_a, label_b, only_a, only_b)
     return Comparison(cmp, label_a, label_b, only_a, only_b, files)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from vopd_bench.analysis import ALL, CANONICAL_VIEWS
-from vopd_bench.errors import VopdError
+from vopd_bench.errors import VopdError, writing_to
 from vopd_bench.published import AVERAGES, PAPER_BENCHMARKS, printed, published_rows
 
 ID_COLUMNS = ["model", "source", "source_ref", "note", "run"]
@@ -308,4 +308,5 @@ def leaderboard(report_dirs: Sequence[str | Path], out_csv: str | Path, *,
         raise VopdError("give at least one gap-report folder")
     runs = [load_run(d) for d in report_dirs]
     df = build_leaderboard(runs, with_published=with_published)
-    return df, write_leaderboard(df, out_csv)
+    with writing_to(Path(out_csv).parent, resumes=False):
+        return df, write_leaderboard(df, out_csv)

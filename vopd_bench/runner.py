@@ -26,7 +26,7 @@ from vopd_bench.backends import Backend, GenerationConfig, Request, get_backend
 from vopd_bench.backends.base import decoding_settings
 from vopd_bench.benchmarks.spec import BenchmarkSpec
 from vopd_bench.context import PromptLength
-from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.errors import SampleError, VopdError, writing_to
 from vopd_bench.folder_lock import output_lock
 from vopd_bench.images import image_ref, load_image
 from vopd_bench.records import Record, record_key
@@ -346,14 +346,15 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
                    on_batch: Callable[[int], None] | None = None) -> GapReportResult:
     """Run (or resume) a gap report. `backend` may be passed in to reuse a loaded model.
 
-    The output folder is locked for the whole run (`vopd_bench.folder_lock`): a second run on it is refused."""
+    The output folder is locked for the whole run (`vopd_bench.folder_lock`): a second run on it is refused. A
+    write that fails (a full disk) stops the run with one line; what was saved resumes on the next run."""
     t0 = time.perf_counter()
     bad_views = [v for v in cfg.views if v not in views.ALL_VIEWS]
     if bad_views or not cfg.views:
         raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
-    with output_lock(cfg.out_dir()):  # the ranks of one torchrun job share it
+    with writing_to(cfg.out_dir()), output_lock(cfg.out_dir()):  # the ranks of one torchrun job share the lock
         return _run_locked(cfg, backend, on_batch, t0)
 
 

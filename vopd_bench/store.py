@@ -108,9 +108,13 @@ class RecordStore:
 
     def _rewrite(self, records: Iterable[Record]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(r.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(r.to_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk: the old file stands, and the half-written copy gives its space back
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.path)

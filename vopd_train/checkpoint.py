@@ -47,15 +47,19 @@ def save_state(out: Path, *, meta: dict[str, Any], student: dict[str, torch.Tens
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.items()}, tmp / "student.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    if teacher:
-        save_file({k: v.detach().contiguous().cpu() for k, v in teacher.items()}, tmp / "teacher.safetensors")
-    save_file(_torch_rng(), tmp / "rng.safetensors")
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    body = {**meta, "optimizer": opt_meta, "scheduler": sched, "python_rng": _py_rng(), "numpy_rng": _np_rng()}
-    (tmp / "trainer_state.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
+    try:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file({k: v.detach().contiguous().cpu() for k, v in student.items()}, tmp / "student.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if teacher:
+            save_file({k: v.detach().contiguous().cpu() for k, v in teacher.items()}, tmp / "teacher.safetensors")
+        save_file(_torch_rng(), tmp / "rng.safetensors")
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        body = {**meta, "optimizer": opt_meta, "scheduler": sched, "python_rng": _py_rng(), "numpy_rng": _np_rng()}
+        (tmp / "trainer_state.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
+    except BaseException:  # a full disk: the previous state stands, and the half-written one gives its space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_state(out)
 
 

@@ -41,10 +41,12 @@ def run_distill(cfg: DistillConfig, preset: dict[str, Any] | None = None, *, eng
                 show: Console | None = None) -> dict[str, Any]:
     """Train, save, and re-measure. Returns {"train": TrainResult, "remeasure": Remeasure | None}.
     The output folder is locked for the whole run: a second run on it is refused (the ranks of one torchrun job
-    share it)."""
+    share it). A write that fails (a full disk) stops the run with one line; the saved state resumes."""
+    from vopd_bench.errors import writing_to
     from vopd_bench.folder_lock import output_lock
 
-    with output_lock(cfg.validate().out):
+    out = cfg.validate().out
+    with writing_to(out), output_lock(out):
         return _run_distill(cfg, preset, engine=engine, show=show)
 
 
