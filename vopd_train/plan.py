@@ -550,9 +550,9 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
         elif cfg.lora:
             sync = lay.adapted_elements * lay.param_bytes
             sync_how = "every merged adapted layer gathered whole at once"
-        else:
-            sync = lay.params_total * lay.param_bytes
-            sync_how = "every parameter gathered whole at once, in the weights' dtype"
+        else:  # a parameter FSDP left whole is handed over as it is, not copied
+            sync = lay.params_total * lay.param_bytes - lay.replicated_bytes
+            sync_how = "every sharded parameter gathered whole at once, in the weights' dtype"
         add("weight sync copy", sync_how, weight_sync=sync)
         if kv_budget <= 0:
             notes.append(f"does not start: vLLM's {cfg.vllm_gpu_memory_utilization:g} share "
@@ -572,18 +572,19 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
             add("set-up", "loaded straight into the shards", setup=lay.weight_bytes + teacher + anchor)
         else:
             copies = 1 + (1 if full_teacher else 0)
-            add("set-up: the whole model before sharding", f"every rank loads it{' and the teacher copies it' if copies > 1 else ''}",
+            add("set-up copy", f"the whole model, before sharding: every rank loads it{' and the teacher copies it' if copies > 1 else ''}",
                 setup=whole * copies)
     add("fixed allowance", "CUDA context, NCCL buffers, allocator slack",
         **({"setup": FIXED_OVERHEAD} if setting.gpus > 1 else {}), **{k: FIXED_OVERHEAD for k in trainer})
     if lay.replicated_bytes and setting.gpus > 1:
         saved = lay.replicated_bytes - lay.replicated_bytes // setting.gpus
         saved_t = lay.replicated_trainable_bytes - lay.replicated_trainable_bytes // setting.gpus
+        parts = [(saved, "weights"), (saved_t, "gradients"), (2 * saved_t, "optimizer"),
+                 (saved if full_teacher else 0, "teacher")]
+        said = ", ".join(f"{_gib(v)} off the {what}" for v, what in parts if v)
         notes.append(f"{_names(lay.replicated_names)} is whole on every GPU ({_gib(lay.replicated_bytes)} of weights). "
-                     f"Sharded over {setting.gpus} GPUs it would take {_gib(saved)} off the weights, "
-                     f"{_gib(saved_t)} off the gradients, {_gib(2 * saved_t)} off the optimizer"
-                     + (f" and {_gib(saved)} off the teacher" if full_teacher else "")
-                     + f": {_gib(saved * (2 if full_teacher else 1) + 3 * saved_t)} per GPU in every phase")
+                     f"Sharded over {setting.gpus} GPUs: {said}; {_gib(sum(v for v, _ in parts))} per GPU in every "
+                     "phase after set-up")
     if not lay.prefix_shared and cfg.prefix_sharing and cfg.n_rollouts > 1:
         notes.append(f"no prefix sharing: {lay.why_not_shared}")
     return Plan(model, cfg, setting, lay, shapes, rows, notes)
@@ -611,8 +612,9 @@ def projections(plan: Plan) -> list[tuple[str, Plan]]:
     if lay.replicated_bytes and n > 1:
         saved = lay.replicated_bytes - lay.replicated_bytes // n
         saved_t = lay.replicated_trainable_bytes - lay.replicated_trainable_bytes // n
+        full_teacher = not plan.cfg.lora and plan.cfg.teacher in ("ema", "frozen", "trust-region")
         cut = {"weights": saved, "gradients": saved_t, "optimizer (AdamW)": 2 * saved_t,
-               "teacher": saved if plan.layout.trainable_bytes and not plan.cfg.lora else 0}
+               "teacher": saved if full_teacher else 0}
         current = _adjusted(current, lambda r, phase, v: v - cut.get(r.name, 0) if phase != "set-up" else v)
         out.append((f"{_names(lay.replicated_names)} sharded", current))
     if plan.cfg.rollout_engine == "vllm" and not getattr(plan.cfg, "sync_bucket_mb", None):
