@@ -205,3 +205,24 @@ def test_a_config_json_without_a_model_type_is_refused(tmp_path):
     bad.write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(VopdError, match="not a model config"):
         load_model_config("x", str(bad))
+
+
+def test_a_streamed_sync_setting_is_followed_when_the_trainer_has_one(untied_config):
+    """After the trainer gains `--sync-bucket-mb`, the plan reads it: one bucket in flight, gradients freed first,
+    and no projection of it."""
+    from dataclasses import dataclass
+
+    from vopd_train.plan import projections
+
+    @dataclass
+    class WithBucket(DistillConfig):
+        sync_bucket_mb: int = 64
+
+    streamed = WithBucket(model="m", data="x", out="y", rollout_engine="vllm").validate()
+    plan = plan_memory("tiny", untied_config, streamed, Setting(2, 80))
+    rows = {r.name: r.phases for r in plan.rows}
+    assert rows["weight sync copy"]["weight sync"] == 64 * 2**20
+    assert rows["gradients"]["weight sync"] == rows["gradients"]["rollout"] == 0 < rows["gradients"]["training"]
+    assert not any("sync streamed" in what for what, _ in projections(plan))
+    today = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm"), Setting(2, 80))
+    assert any("sync streamed" in what for what, _ in projections(today))

@@ -507,8 +507,12 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
     add("weights", f"rank 0's shards of {lay.params_total:,} parameters, {_dtype(lay.param_bytes)}"
         + (f"; {_names(lay.replicated_names)} whole on every GPU" if lay.replicated_bytes else ""),
         **{k: lay.weight_bytes for k in trainer})
-    # gradients stay allocated from one optimizer step to the next step's zero_grad, so through sync and rollouts
-    add("gradients", "one per trainable element, in the weights' dtype", **{k: grads for k in trainer})
+    # today gradients stay allocated from one optimizer step to the next step's zero_grad, so through the sync and
+    # the rollouts; the streamed sync issue 21 asks for (a `sync_bucket_mb` setting) frees them before the sync
+    streamed = vllm and bool(getattr(cfg, "sync_bucket_mb", None))
+    add("gradients", "one per trainable element, in the weights' dtype"
+        + ("; freed before the weight sync" if streamed else "; kept until the next step's zero_grad"),
+        training=grads, weight_sync=0 if streamed else grads, rollout=0 if streamed else grads)
     add("optimizer (AdamW)", "two moments per trainable element", **{k: optim for k in trainer})
     if teacher:
         add("teacher", "a sharded copy of the weights" if full_teacher else "the moving average of the adapter",
