@@ -155,7 +155,6 @@ def list_benchmarks() -> None:
         console.print(f"{name:<22} {source}", highlight=False)
 
 
-@app.command("check")
 def check(
     model: str = typer.Argument(..., help="Model to check: `toy`, a local folder, or a hub id."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -163,9 +162,26 @@ def check(
     device: str | None = typer.Option(None, help="Device: auto, cpu, cuda, … [default: a GPU when there is one]."),
     threads: int | None = typer.Option(None, help="Torch threads on a CPU [default: torch's choice]."),
     keep: Path | None = typer.Option(None, help="Keep the scratch runs in this folder [default: a temporary one]."),
+    **plan_options,
 ) -> None:
     """Before a long job: does MODEL work with vopd? One line per capability (load, gap-report, distill full,
-    distill LoRA, vLLM requests, vision fast path), each `ok` or the first line of the reason."""
+    distill LoRA, vLLM requests, vision fast path), each `ok` or the first line of the reason. With --plan: the
+    per-GPU memory plan of the distill run the options describe (no weights loaded), and what to change if it
+    does not fit."""
+    if plan_options.get("plan"):
+        from vopd_train.plan_cli import run_plan
+
+        fits = run_plan(model, plan_options, trust_remote_code=trust_remote_code, device=device, threads=threads,
+                        echo=lambda text: console.print(text, highlight=False, soft_wrap=True, markup=False))
+        if not fits:
+            raise typer.Exit(1)  # the plan says why; a script can stop here
+        return
+    if plan_options:
+        from vopd_train.plan_cli import given_plan_options
+
+        given = given_plan_options(plan_options)
+        if given:
+            raise VopdError(f"--{given[0].replace('_', '-')} only applies with --plan")
     from vopd_bench.check import run_check
 
     lines = run_check(model, work_dir=keep, trust_remote_code=trust_remote_code, device=device, threads=threads,
@@ -173,6 +189,26 @@ def check(
     failed = [line.capability for line in lines if line.required and not line.ok]
     if failed:
         raise VopdError(f"{model} failed: {', '.join(failed)}")
+
+
+def _with_plan_options(command):
+    """`vopd check`'s signature plus the memory plan's options (every `vopd distill` option among them) when the
+    trainer is installed; `vopd_bench` on its own keeps the plain check."""
+    import inspect
+
+    try:
+        from vopd_train.plan_cli import plan_params
+    except ImportError:
+        params = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+    else:
+        params = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+        params += plan_params()
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+app.command("check")(_with_plan_options(check))
 
 
 def _register_commands() -> None:
