@@ -291,6 +291,7 @@ def test_focus_rows_by_hand():
     recs = [_rec("1", "full", True, 0.5, 0.1), _rec("2", "full", True, 0.3, 0.2), _rec("3", "full", False, 0.1, 0.1),
             _rec("4", "full", False, 0.2, 0.1), _rec("5", "full", False, 0.0, 0.05), _rec("6", "full", False)]
     recs.append({**_rec("7", "full", True), "focus": {"error": "the attention map has no mass"}})
+    recs.append({**_rec("8", "full", True), "focus": {"early": 3.0, "middle": 2.0, "late": 1.0}})  # the old ratio
     rows = _rows(recs)
     share, area = np.array([0.5, 0.3, 0.1, 0.2, 0.0]), np.array([0.1, 0.2, 0.1, 0.1, 0.05])
     assert rows["focus_full_share"]["value"] == pytest.approx(share.mean()) and rows["focus_full_share"]["n"] == 5

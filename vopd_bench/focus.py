@@ -164,7 +164,9 @@ def focus_rows(bench: str, cat: str, rdf: pd.DataFrame, views: Sequence[str], n_
         return []
     rows = []
     for view in views:
-        tried = rdf[(rdf["view"] == view) & rdf["valid"] & rdf["focus"].map(lambda f: isinstance(f, dict))]
+        # an entry with numbers or with the reason its map was unusable; entries of the earlier ratio are not read
+        tried = rdf[(rdf["view"] == view) & rdf["valid"]
+                    & rdf["focus"].map(lambda f: has_share(f) or (isinstance(f, dict) and "error" in f))]
         v = tried[tried["focus"].map(has_share)]
         if tried.empty:
             continue
