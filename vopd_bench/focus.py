@@ -37,7 +37,7 @@ And with the selfcrop view:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,10 +156,10 @@ def stratified_difference(values: np.ndarray, right: np.ndarray, strata: Sequenc
     return stats.Estimate(value, *stats.percentile_ci(reps), int(weights.sum())), per
 
 
-def focus_rows(bench: str, cat: str, rdf: pd.DataFrame, views: Sequence[str], n_boot: int, seed: int) -> list[dict]:
-    """The focus rows of one group of records (`analysis.records_frame` rows, with `valid` and `right`)."""
-    from vopd_bench.analysis import AREA_LABELS, area_bin
-
+def focus_rows(bench: str, cat: str, rdf: pd.DataFrame, views: Sequence[str], n_boot: int, seed: int,
+               area_bin: Callable[[float], str | None], area_labels: Sequence[str]) -> list[dict]:
+    """The focus rows of one group of records (`analysis.records_frame` rows, with `valid` and `right`).
+    `area_bin` names the evidence-size bin of a relative area; `area_labels` orders the bins."""
     if "focus" not in rdf:
         return []
     rows = []
@@ -187,7 +187,7 @@ def focus_rows(bench: str, cat: str, rdf: pd.DataFrame, views: Sequence[str], n_
         bins = _evidence_area(v).map(area_bin).to_numpy(dtype=object)
         total, per = stratified_difference(share, right, bins, n_boot, seed)
         rows.append(_est(bench, cat, f"{name}_correct_minus_wrong", total))
-        rows += [_est(bench, cat, f"{name}_correct_minus_wrong:{label}", per[label]) for label in AREA_LABELS
+        rows += [_est(bench, cat, f"{name}_correct_minus_wrong:{label}", per[label]) for label in area_labels
                  if label in per]
         layers = set(v["focus"].map(lambda f: f.get("layer")))
         rows.append(_row(bench, cat, f"{name}_layer", layers.pop() if len(layers) == 1 else stats.NAN, n=len(v)))
