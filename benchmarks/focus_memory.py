@@ -102,7 +102,10 @@ def measure(model: str, mode: str, size: tuple[int, int], tokens: int) -> dict:
         resp = backend.generate([req], gen)[0]
         assert resp.error is None, resp.error
     elif mode == "selfcrop":
-        win = selfcrop.locate(backend, [(req.prompt, image)], gen)[0]
+        from vopd_bench.attention import resolve_layer
+
+        cfg = selfcrop.SelfCrop("paper", resolve_layer(backend.model, None), 224)
+        win = selfcrop.locate(backend, [(req.prompt, selfcrop.GENERIC_PROMPT, image)], gen, cfg)[0]
         assert not isinstance(win, str), win
     else:
         from vopd_bench.modeling import encode

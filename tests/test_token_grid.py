@@ -37,7 +37,7 @@ def _focus_selfcrop_end_to_end(model_dir, out):
                           out=str(out), quiet=True, focus=True, max_new_tokens=2)
     result = run_gap_report(cfg)
     metrics = set(result.summary["metric"])
-    assert {"acc_selfcrop", "gap_selfzoom", "focus_full", "selfcrop_iou"} <= metrics
+    assert {"acc_selfcrop", "gap_selfzoom", "focus_full_share", "selfcrop_iou", "selfcrop_hit_random"} <= metrics
     windows = [r.window for r in result.records if r.view == "selfcrop"]
     assert len(windows) == 2 and all(w and w[2] > w[0] and w[3] > w[1] for w in windows)
 

@@ -22,8 +22,9 @@ Metrics, per benchmark and per category (`<view>` is each view that was run: ful
 - `n_sample_errors`: samples with at least one errored record (n = n_samples).
 - `n_no_evidence`: samples that have no box and therefore got the full view only (n = n_samples).
 - `boxes_clamped`: boxes clamped to their image, summed over samples (n = n_samples).
-- With `--focus` or the selfcrop view: `focus_<view>*`, `gap_selfzoom`, `selfzoom_recovery`, `selfcrop_iou`,
-  `selfcrop_hit` (see `vopd_bench.focus`). The selfcrop view needs no evidence and stays out of the gaps above.
+- With `--focus` or the selfcrop view: `focus_<view>_*` (attention share on the evidence beside its area),
+  `gap_selfzoom`, `selfzoom_recovery`, `selfcrop_*` (window hit and coverage beside random windows, IoU); see
+  `vopd_bench.focus`. The selfcrop view needs no evidence and stays out of the gaps above.
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def _attention_metrics(bench: str, cat: str, st: pd.DataFrame, bdf: pd.DataFrame
     """--focus and selfcrop rows (vopd_bench.focus); none for runs without them."""
     from vopd_bench import focus
 
-    return focus.focus_rows(bench, cat, bdf, views, n_boot, seed) + focus.selfzoom_rows(bench, cat, st, bdf, n_boot, seed)
+    return (focus.focus_rows(bench, cat, bdf, views, n_boot, seed, area_bin, AREA_LABELS)
+            + focus.selfzoom_rows(bench, cat, st, bdf, n_boot, seed))
 
 
 def _extra_rows(bench: str, fn: ExtraMetrics, bdf: pd.DataFrame) -> list[dict]:

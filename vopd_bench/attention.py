@@ -8,10 +8,13 @@ layer; the full length × length attention matrix is never materialised.
 The last prompt position is the one that predicts the first answer token (the chat template ends with the
 assistant header), which is the position the focus hypothesis is about.
 
-`attention_ratio` turns a map into the focus score: the attention mass on the image tokens whose cell lies in
-the evidence, over the mass on all image tokens, divided by the evidence's share of the image tokens. 1 is no
-preference; above 1 the model looks at the evidence. Cells that the evidence only partly covers count by the
-covered fraction, so a box smaller than one cell still has a share.
+`evidence_share` turns a map into the focus numbers: the *share* of the image attention that falls on the image
+tokens whose cell lies in the evidence (a fraction in [0, 1]), and beside it the evidence's *area*, its share
+of the image tokens: the share a uniform spread of attention would give it. Cells that the evidence only partly
+covers count by the covered fraction, so a box smaller than one cell still has an area.
+
+One layer is read (`default_layer`: the family's depth from `vopd_bench.families`, or `--focus-layer`), as the
+published method reads one layer chosen on validation data.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ class ImageAttention:
         """The mean map over one third of the captured layers (early, middle or late)."""
         return self.maps[band_slice(len(self.layers), name)].mean(axis=0)
 
+    def layer(self, index: int) -> np.ndarray:
+        """The map of one LM layer (its `layer_idx`)."""
+        if index not in self.layers:
+            raise ValueError(f"layer {index} was not captured (captured: {list(self.layers)})")
+        return self.maps[self.layers.index(index)]
+
 
 def band_slice(n_layers: int, name: str) -> slice:
     """Layers split into thirds as evenly as numpy's array_split does; the middle third is the default band."""
@@ -81,25 +90,75 @@ def cell_coverage(boxes: Sequence[Box], image_size: tuple[int, int], grid: tuple
     return inside.reshape(rows, s, cols, s).mean(axis=(1, 3))
 
 
-def attention_ratio(att_map: np.ndarray, boxes: Sequence[Box], image_size: tuple[int, int]) -> float | None:
-    """Attention share on the evidence over the evidence's share of image tokens (None: no usable evidence)."""
-    cov = cell_coverage(boxes, image_size, att_map.shape)
-    share = cov.mean()
-    total = float(att_map.sum())
-    if share <= 0 or total <= 0:
+class BadAttention(ValueError):
+    """A map that cannot be read as a distribution of attention (zero, negative or non-finite mass)."""
+
+
+def check_map(att_map: np.ndarray, what: str = "attention map") -> np.ndarray:
+    """The map as float64, or BadAttention naming why it cannot be used: a NaN or infinite value, a negative
+    value, or no mass at all. A window or a share taken from such a map would be an artefact."""
+    m = np.asarray(att_map, dtype=np.float64)
+    if not np.isfinite(m).all():
+        raise BadAttention(f"the {what} has {int((~np.isfinite(m)).sum())} non-finite value(s)")
+    if (m < 0).any():
+        raise BadAttention(f"the {what} has {int((m < 0).sum())} negative value(s)")
+    if m.sum() <= 0:
+        raise BadAttention(f"the {what} has no mass (all {m.size} values are 0)")
+    return m
+
+
+@dataclass(frozen=True)
+class EvidenceShare:
+    """`share`: attention on the evidence / attention on the whole image, per layer; `area`: the evidence's share
+    of the image tokens, the share a uniform spread would give it. Both fractions in [0, 1]."""
+
+    layers: tuple[int, ...]
+    shares: tuple[float, ...]
+    area: float
+
+    def at(self, layer: int) -> float:
+        return self.shares[self.layers.index(layer)]
+
+
+def evidence_share(att: ImageAttention, boxes: Sequence[Box]) -> EvidenceShare | None:
+    """The evidence share of every captured layer; None when the boxes cover no image token. BadAttention when a
+    layer's map is unusable (see `check_map`)."""
+    cov = cell_coverage(boxes, att.image_size, att.maps.shape[1:])
+    area = float(cov.mean())
+    if area <= 0:
         return None
-    return float((att_map * cov).sum() / total / share)
+    shares = []
+    for layer, m in zip(att.layers, att.maps, strict=True):
+        m = check_map(m, f"attention map of layer {layer}")
+        shares.append(min(1.0, float((m * cov).sum() / m.sum())))  # ≤ 1 up to rounding; clipped so it reads as one
+    return EvidenceShare(att.layers, tuple(shares), min(1.0, area))
 
 
-def band_ratios(att: ImageAttention, boxes: Sequence[Box]) -> dict[str, float] | None:
-    """The attention ratio of each layer band, or None when the boxes cover no image token."""
-    out = {}
-    for band in BANDS:
-        r = attention_ratio(att.band(band), boxes, att.image_size)
-        if r is None:
-            return None
-        out[band] = r
-    return out
+def default_layer(layers: Sequence[int], depth: float) -> int:
+    """The captured layer at `depth` (a fraction) of the LM's attention layers: `layers[floor(depth × n)]`. With
+    Qwen2.5-VL-3B's 36 layers and depth 22/36 that is layer 22, the published method's choice."""
+    if not layers:
+        raise ValueError("no attention layers")
+    return int(layers[min(len(layers) - 1, int(depth * len(layers)))])
+
+
+def resolve_layer(model: Any, override: int | None) -> int:
+    """The LM layer `--focus` and the paper's self-zoom read: `override` when given (it must be an attention
+    layer of this model), else the family's default depth. One line (VopdError) when neither works."""
+    from vopd_bench.errors import VopdError
+    from vopd_bench.families import family_of
+
+    layers = [m.layer_idx for m in text_attention_modules(model)]
+    if override is not None:
+        if override not in layers:
+            shown = f"{layers[0]}–{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+            raise VopdError(f"--focus-layer {override} is not an attention layer of this model (its layers: {shown})")
+        return override
+    depth = family_of(model.config).focus_depth
+    if depth is None:
+        raise VopdError(f"model family {getattr(model.config, 'model_type', '?')!r} has no default focus layer: "
+                        "name one with --focus-layer")
+    return default_layer(layers, depth)
 
 
 def require_backend(name: str, capable: bool | None = None) -> None:
@@ -110,13 +169,16 @@ def require_backend(name: str, capable: bool | None = None) -> None:
         raise VopdError(f"the {name} backend cannot expose attention: --focus and the selfcrop view need --backend hf")
 
 
-def enable(backend: Any, *, focus: bool) -> None:
-    """Check that the backend and model family can expose attention (one line if not); switch focus capture."""
+def enable(backend: Any, *, focus: bool, layer: int | None = None) -> int:
+    """Check that the backend and model family can expose attention (one line if not), switch focus capture and
+    return the layer that will be read (`resolve_layer`)."""
     from vopd_bench.token_grid import require_support
 
     require_backend(backend.name, capable=hasattr(backend, "prefill_attention"))
     require_support(backend.model)
+    chosen = resolve_layer(backend.model, layer)
     backend.capture_focus = focus
+    return chosen
 
 
 # ---- capture -------------------------------------------------------------------------------------------------

@@ -75,6 +75,15 @@ def gap_report(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
     focus: bool = typer.Option(False, "--focus", help="Also record where the model looks: the attention ratio on the "
                                                        "evidence per layer band (focus_<view> rows; hf backend)."),
+    focus_layer: int | None = typer.Option(None, help="The language-model layer (0-based) that --focus and the paper's "
+                                                      "self-zoom read [default: the family's, e.g. 22 of 36 for "
+                                                      "Qwen2.5-VL-3B]. `vopd focus-layers` helps choose it."),
+    selfcrop_method: str = typer.Option("paper", help="How the selfcrop view picks its window: paper (MLLMs Know "
+                                                       "Where to Look: one layer, windows from the encoder's native "
+                                                       "input, full image + crop) or grid (vopd's earlier method: "
+                                                       "middle layers, grid-fraction windows, zoomed crop alone)."),
+    selfcrop_window: int | None = typer.Option(None, help="paper self-zoom: the smallest window side in source pixels "
+                                                          "[default: the family's native input, 224 for Qwen-VL]."),
 ) -> None:
     """Ask every benchmark question under several views and report the regional-to-global perception gap."""
     from vopd_bench.images import set_max_pixels
@@ -103,7 +112,8 @@ def gap_report(
         trust_remote_code=trust_remote_code, data_dir=str(data_dir) if data_dir else None, quiet=quiet,
         view_config=ViewConfig(context=crop_context, min_side=crop_min_side, zoom=crop_zoom),
         backend_options=backend_options, chat_template_kwargs={"enable_thinking": False} if no_thinking else {},
-        judge=judge, focus=focus,
+        judge=judge, focus=focus, focus_layer=focus_layer, selfcrop_method=selfcrop_method,
+        selfcrop_window=selfcrop_window,
     )
     result = run_gap_report(cfg)
     if not quiet and result.summary is not None:  # under torchrun, rank 0 alone has the merged summary

@@ -1,4 +1,5 @@
-"""`vopd leaderboard` and `vopd compare`: reports across runs. The main `vopd` app merges these commands."""
+"""`vopd leaderboard`, `vopd compare` and `vopd focus-layers`: reports across and about runs. The main `vopd` app
+merges these commands."""
 
 from __future__ import annotations
 
@@ -84,3 +85,34 @@ def compare_cmd(
             if only:
                 console.print(f"only in {name}, not compared: {', '.join(only)}")
         console.print("Wrote " + ", ".join(str(p) for p in res.files.values()))
+
+
+@app.command("focus-layers")
+def focus_layers_cmd(
+    report_dir: Path = typer.Argument(..., help="A gap-report folder run with --focus, ideally on a validation split "
+                                                "with evidence boxes (e.g. `-b synthetic:validation`)."),
+    view: str = typer.Option("full", help="The view whose records are read."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+) -> None:
+    """Per language-model layer, how much more of the answer position's image attention falls on the evidence
+    than a uniform spread would put there (mean share − area, 95% CI): pass the best layer to --focus-layer."""
+    from vopd_bench.errors import VopdError
+    from vopd_bench.focus import layer_profile
+    from vopd_bench.store import RecordStore
+
+    path = report_dir / "samples.jsonl"
+    if not path.is_file():
+        raise VopdError(f"{path} not found: give a gap-report folder")
+    rows = layer_profile(list(RecordStore(path).records.values()), view, seed=seed)
+    if not rows:
+        raise VopdError(f"no {view} record in {path} has a focus share: run gap-report with --focus on a benchmark "
+                        "with evidence boxes")
+    best = max(rows, key=lambda r: r["lift"])
+    table = Table(title=f"Attention on the evidence by layer ({view} view, share − area)")
+    for col in ("layer", "lift [95% CI]", "n"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " ←" if r is best else ""
+        table.add_row(str(r["layer"]), f"{r['lift']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{mark}", str(r["n"]))
+    console.print(table)
+    console.print(f"highest: layer {best['layer']} (--focus-layer {best['layer']})")

@@ -18,7 +18,12 @@ travel with their sequence. A family entry says only:
 - `pixel_budget`: the most pixels the family's image processor keeps of any image, read from the processor
   (the hf backend then decodes large JPEGs of full-view-only samples at a reduced size that still covers it);
   `None` = unknown, every image is decoded in full;
-- `note`: the family's quirk, in one line, for `vopd check` and the README.
+- `note`: the family's quirk, in one line, for `vopd check` and the README;
+- `focus_depth`: where `--focus` and the paper's self-zoom read the attention by default, as a fraction of the
+  depth of the language model's attention layers (`vopd_bench.attention.default_layer`); `None` = no default,
+  `--focus-layer` must name one;
+- `native_side`: the side in pixels of the vision encoder's native input, the base window of the paper's
+  self-zoom (`vopd_bench.selfcrop`, method `paper`).
 
 A model type that is not listed here goes through the same generic plain path (`GENERIC`).
 """
@@ -67,6 +72,8 @@ class Family:
     vision_pad: Mapping[str, float] = field(default_factory=dict)
     extra_vision_tokens: Callable[[Any], set[int]] | None = None
     pixel_budget: Callable[[Any], int | None] | None = None
+    focus_depth: float | None = None
+    native_side: int | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -79,6 +86,10 @@ QWEN_VL = Family(
     "the vision tower runs once per prompt (Qwen3-VL: with its deepstack features)",
     vision_once=_qwen_image_features,
     pixel_budget=_qwen_pixel_budget,
+    # The official code of *MLLMs Know Where to Look* reads Qwen2.5-VL-3B at layer 22 of 36 (0-based) and sizes
+    # its windows from 224 px; no other Qwen-VL model has a published layer, so the same depth stands in.
+    focus_depth=22 / 36,
+    native_side=224,
 )
 GEMMA = Family(
     "gemma", ("gemma3", "gemma4"),

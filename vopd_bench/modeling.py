@@ -86,20 +86,24 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = Non
     return net, processor
 
 
-def chat_text(processor: Any, prompt: str, add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def chat_text(processor: Any, prompt: str, add_generation_prompt: bool = True, n_images: int = 1,
+              **template_kwargs: Any) -> str:
+    messages = [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)),
+                                             {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
                                          **template_kwargs)
 
 
 def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str], **template_kwargs: Any):
-    """Batch-encode (image, prompt) pairs, left-padded, ready for `generate`.
+    """Batch-encode (image, prompt) pairs, left-padded, ready for `generate`. An element of `images` may also be
+    a tuple of images, all placed before that prompt's text.
 
     Images go nested per prompt (`[[img], [img], …]`): processors that count images per sample (Gemma, Idefics3)
     read a flat list as all images belonging to one prompt.
     """
-    texts = [chat_text(processor, p, **template_kwargs) for p in prompts]
-    return processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
+    nested = [list(im) if isinstance(im, (tuple, list)) else [im] for im in images]
+    texts = [chat_text(processor, p, n_images=len(ims), **template_kwargs) for p, ims in zip(prompts, nested, strict=True)]
+    return processor(text=texts, images=nested, return_tensors="pt", padding=True)
 
 
 # Names of config/processor attributes that hold an image, video or audio special token (or its id).

@@ -141,28 +141,35 @@ def plot_gap_by_area(summary: pd.DataFrame, path: str | Path) -> Path | None:
 
 
 def plot_focus(summary: pd.DataFrame, path: str | Path) -> Path | None:
-    """The attention ratio (middle layers) of right and wrong answers, per benchmark and view; 1 = no preference."""
-    rows = summary[(summary["category"] == ALL) & summary["metric"].str.match(r"^focus_\w+_(correct|wrong)$")]
+    """The attention share on the evidence (one layer) of right and wrong answers, per benchmark and view, with
+    the evidence's mean area share (what a uniform spread gives it) marked on each group."""
+    rows = summary[(summary["category"] == ALL) & summary["metric"].str.match(r"^focus_[a-z]+_share_(correct|wrong)$")]
     rows = rows[rows["value"].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
     if rows.empty:
         return None
-    pairs = {(r.benchmark, r.metric.rsplit("_", 1)[0].removeprefix("focus_")) for r in rows.itertuples()}
+    pairs = {(r.benchmark, r.metric.removeprefix("focus_").rsplit("_share_", 1)[0]) for r in rows.itertuples()}
     order = {v: i for i, v in enumerate(("full", "box", "crop", "selfcrop"))}
     groups = sorted(pairs, key=lambda g: (g[0], order.get(g[1], len(order)), g[1]))
     fig, ax = _new_figure(len(groups), height=4.0)
     x = np.arange(len(groups))
+    indexed = summary[summary["category"] == ALL].set_index(["benchmark", "metric"])
     for i, (outcome, color) in enumerate((("correct", COLORS["crop"]), ("wrong", COLORS["box"]))):
-        sub = rows.set_index(["benchmark", "metric"]).reindex([(b, f"focus_{v}_{outcome}") for b, v in groups])
+        sub = indexed.reindex([(b, f"focus_{v}_share_{outcome}") for b, v in groups])
         have = sub["value"].notna().to_numpy()
-        bars = ax.bar(x[have] + (i - 0.5) * 0.4, sub["value"].to_numpy()[have], 0.37, yerr=_yerr(sub[have], 1),
+        values = 100 * sub["value"].to_numpy()[have]
+        bars = ax.bar(x[have] + (i - 0.5) * 0.4, values, 0.37, yerr=_yerr(sub[have], 100),
                       capsize=3, color=color, label=f"{outcome} answers", error_kw={"elinewidth": 1, "alpha": 0.8})
-        ax.bar_label(bars, labels=[f"{v:.2f}\nn={int(n)}" for v, n in zip(sub["value"].to_numpy()[have],
-                                                                          sub["n"].to_numpy()[have], strict=True)],
+        ax.bar_label(bars, labels=[f"{v:.1f}\nn={int(n)}" for v, n in zip(values, sub["n"].to_numpy()[have],
+                                                                          strict=True)],
                      fontsize=6, padding=2)
-    ax.axhline(1, color="black", linewidth=0.8, linestyle="--")
+    area = indexed.reindex([(b, f"focus_{v}_area") for b, v in groups])["value"].to_numpy() * 100
+    for xi, a in zip(x, area, strict=True):
+        if math.isfinite(a):
+            ax.hlines(a, xi - 0.42, xi + 0.42, colors="black", linestyles="--", linewidth=0.9,
+                      label="evidence area (uniform)" if xi == x[0] else None)
     ax.set_xticks(x, [f"{b}\n{v}" for b, v in groups])
-    ax.set_ylabel("attention ratio on the evidence")
-    ax.set_title("Attention on the evidence vs correctness (middle layers, 95% CI)")
+    ax.set_ylabel("attention share on the evidence (%)")
+    ax.set_title("Attention share on the evidence vs correctness (95% CI)")
     ax.legend(fontsize=8, frameon=False, loc="best")
     path = Path(path)
     fig.savefig(path)

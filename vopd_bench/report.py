@@ -22,11 +22,11 @@ from vopd_bench.analysis import ALL, AREA_LABELS, AREA_PREFIX, CANONICAL_VIEWS, 
 
 DASH = "–"
 FIGURES = {"accuracy.png": "Accuracy per view", "gap.png": "Gap and its parts",
-           "gap_by_area.png": "Gap vs evidence size", "focus.png": "Attention on the evidence vs correctness"}
+           "gap_by_area.png": "Gap vs evidence size", "focus.png": "Attention share on the evidence vs correctness"}
 _CORE = re.compile(
     r"^(n_samples|acc_\w+|gap|gap_locate|gap_zoom|mcnemar_p|both_right|recoverable|crop_only_failure|both_wrong|"
-    r"gap_area:.*|parse_fail_\w+|n_errors_\w+|n_sample_errors|n_no_evidence|boxes_clamped|focus_\w+|"
-    r"gap_selfzoom|selfzoom_recovery|selfcrop_iou|selfcrop_hit)$"
+    r"gap_area:.*|parse_fail_\w+|n_errors_\w+|n_sample_errors|n_no_evidence|boxes_clamped|focus_\w+(:.*)?|"
+    r"gap_selfzoom|selfzoom_recovery|selfcrop_\w+)$"
 )
 
 
@@ -166,7 +166,7 @@ def render_report(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
     out += _category_section(summary, look, benches)
     out += _transition_section(look, benches)
     out += _area_section(look, benches)
-    out += _selfzoom_section(look, benches)
+    out += _selfzoom_section(look, benches, run_info)
     out += _focus_section(summary, look, benches)
     out += _other_section(summary)
     out += _notes(look, benches, rec_df, records)
@@ -221,23 +221,38 @@ def _area_section(look: _Lookup, benches: list[str]) -> list[str]:
     return out
 
 
-def _selfzoom_section(look: _Lookup, benches: list[str]) -> list[str]:
+def _selfzoom_section(look: _Lookup, benches: list[str], run_info: dict) -> list[str]:
     have = [b for b in benches if look.get(b, ALL, "acc_selfcrop") is not None]
     if not have:
         return []
+    sc = (run_info.get("attention") or {}).get("selfcrop") or {}
+    if sc.get("method") == "paper":
+        how = (f"the published method (*MLLMs Know Where to Look*): relative attention of layer {sc.get('layer')}, "
+               f"windows of {sc.get('native_side')} px × 1–2, chosen by their contrast with the neighbouring windows; "
+               "the model is asked with the full image and the crop")
+    elif sc:
+        how = ("vopd's grid method (not the paper's): relative attention of the middle layers, windows of ¼–½ of "
+               "the token grid; the model is asked with the zoomed crop alone")
+    else:
+        how = "a window chosen by the model's own relative attention"
     out = ["## Self-zoom: the model crops by its own attention", "",
-           "`selfcrop` asks again on the window where the question's attention, relative to a generic "
-           "description's, is sharpest (zoomed as the crop view). Recovery = (selfcrop − full) / (crop − full); "
-           "IoU and hit (evidence centre inside the window) only where evidence boxes exist.", ""]
+           f"`selfcrop` asks again after {how}. Recovery = (selfcrop − full) / (crop − full). Where evidence boxes "
+           "exist: hit = the evidence centre lies in the window, coverage = the share of the evidence inside it, each "
+           "beside the chance level of a window of the same size placed at random in the image (exact); IoU is "
+           "capped far below 1 when the window is much larger than the evidence.", ""]
 
     def ratio(b: str, m: str) -> str:
         return _ratio_cell(look, b, m, with_n=False)
 
-    out += _table(["benchmark", "full %", "selfcrop %", "crop %", "selfcrop − full", "recovery", "window IoU",
-                   "hit %", "n"], (
+    def with_chance(b: str, m: str) -> str:
+        return f"{_pct_cell(look, b, m, 1)} (random {_pct_cell(look, b, m + '_random', 1, ci=False)})"
+
+    out += _table(["benchmark", "full %", "selfcrop %", "crop %", "selfcrop − full", "recovery", "hit %",
+                   "coverage %", "IoU", "n"], (
         [b, look.acc(b, ALL, "acc_full"), look.acc(b, ALL, "acc_selfcrop"), look.acc(b, ALL, "acc_crop"),
-         look.gap(b, ALL, "gap_selfzoom"), ratio(b, "selfzoom_recovery"), ratio(b, "selfcrop_iou"),
-         look.acc(b, ALL, "selfcrop_hit"), look.n(b, ALL, "gap_selfzoom")] for b in have))
+         look.gap(b, ALL, "gap_selfzoom"), ratio(b, "selfzoom_recovery"), with_chance(b, "selfcrop_hit"),
+         with_chance(b, "selfcrop_coverage"), ratio(b, "selfcrop_iou"), look.n(b, ALL, "gap_selfzoom")]
+        for b in have))
     out.append("")
     return out
 
@@ -250,24 +265,44 @@ def _ratio_cell(look: _Lookup, bench: str, metric: str, with_n: bool = True) -> 
     return f"{r.value:.2f}{ci}" + (f" (n={int(r.n)})" if with_n else "")
 
 
+def _pct_cell(look: _Lookup, bench: str, metric: str, digits: int = 2, ci: bool = True, signed: bool = False) -> str:
+    """A fraction as a percentage with `digits` decimals, and its interval."""
+    r = look.get(bench, ALL, metric)
+    if r is None or not _finite(r.value):
+        return DASH
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    out = f.format(100 * r.value)
+    if ci and _finite(r.ci_low) and _finite(r.ci_high):
+        out += f" [{f.format(100 * r.ci_low)}, {f.format(100 * r.ci_high)}]"
+    return out
+
+
 def _focus_section(summary: pd.DataFrame, look: _Lookup, benches: list[str]) -> list[str]:
     rows = []
     for b in benches:
         names = summary.loc[(summary["benchmark"] == b) & (summary["category"] == ALL), "metric"]
-        for view in analysis.ordered_views(m.removeprefix("focus_") for m in names
-                                           if re.fullmatch(r"focus_[a-z]+", m)):
+        for view in analysis.ordered_views(m.removeprefix("focus_").removesuffix("_share") for m in names
+                                           if re.fullmatch(r"focus_[a-z]+_share", m)):
             m = f"focus_{view}"
-            rows.append([b, view, *(_ratio_cell(look, b, x) for x in (m, f"{m}_early", f"{m}_late", f"{m}_correct",
-                                                                     f"{m}_wrong")),
-                         look.acc(b, ALL, f"{m}_above1")])
+            errors = look.value(b, ALL, f"{m}_errors")
+            rows.append([b, view, fmt_count(look.value(b, ALL, f"{m}_layer")),
+                         _pct_cell(look, b, f"{m}_share"), _pct_cell(look, b, f"{m}_share_median"),
+                         _pct_cell(look, b, f"{m}_area", ci=False) + " / " + _pct_cell(look, b, f"{m}_area_median", ci=False),
+                         _pct_cell(look, b, f"{m}_lift", signed=True), _pct_cell(look, b, f"{m}_share_correct"),
+                         _pct_cell(look, b, f"{m}_share_wrong"),
+                         _pct_cell(look, b, f"{m}_correct_minus_wrong", signed=True),
+                         look.n(b, ALL, f"{m}_share") + (f" ({int(errors)} unusable)" if _finite(errors) and errors else "")])
     if not rows:
         return []
     out = ["## Focus: attention on the evidence", "",
-           "Attention ratio = the share of the last prompt position's attention on the image that falls inside the "
-           "evidence, over the evidence's share of image tokens (1 = no preference), head mean, averaged over the "
-           "middle third of the LM's attention layers unless named; 95% bootstrap intervals.", ""]
-    out += _table(["benchmark", "view", "middle", "early", "late", "right answers", "wrong answers",
-                   "ratio > 1 (%)"], rows)
+           "Share = the part of the answer position's attention to the image that falls on the evidence (head mean, "
+           "one layer), in %; area = the evidence's share of the image tokens, which a uniform spread would give it "
+           "(mean / median); lift = share − area, paired. Right − wrong compares the mean share of right and wrong "
+           "answers within evidence-size bins (weighted by bin size), since larger evidence both draws attention and "
+           "is answered better. Only answers whose image shows the evidence count (a self-zoom window that misses "
+           "it has none). 95% bootstrap intervals.", ""]
+    out += _table(["benchmark", "view", "layer", "share (mean)", "share (median)", "area (mean / median)", "lift",
+                   "right answers", "wrong answers", "right − wrong (by size)", "n"], rows)
     out.append("")
     return out
 

@@ -58,7 +58,10 @@ class GapReportConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. base_url for openai; never secrets
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: dict[str, Any] | None = None  # {"base_url", "model", "api_key_env"}: LLM judge for undecided answers
-    focus: bool = False  # record each answer's attention ratio on the evidence (vopd_bench.focus)
+    focus: bool = False  # record each answer's attention share on the evidence (vopd_bench.focus)
+    focus_layer: int | None = None  # the LM layer --focus and the paper's self-zoom read; None = the family's
+    selfcrop_method: str = "paper"  # how the selfcrop view chooses its window (vopd_bench.selfcrop.METHODS)
+    selfcrop_window: int | None = None  # paper method: base window side in source pixels; None = the family's
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
@@ -78,6 +81,18 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
+@dataclass(frozen=True)
+class Look:
+    """What --focus and the selfcrop view were resolved to for this model: the LM layer read and the self-zoom
+    settings (None when the run has neither)."""
+
+    layer: int | None = None
+    selfcrop: Any = None  # vopd_bench.selfcrop.SelfCrop
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "selfcrop": self.selfcrop.settings() if self.selfcrop else None}
+
+
 @dataclass
 class _Planned:
     """One (sample, view) to ask, with everything needed to build its record."""
@@ -90,8 +105,10 @@ class _Planned:
 
 
 def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: GapReportConfig,
-                   fingerprint: str, gen: GenerationConfig) -> list[_Planned]:
-    """Every (sample, view) of this run with its key. Samples without evidence get the full view only."""
+                   fingerprint: str, gen: GenerationConfig, look: Look | None = None) -> list[_Planned]:
+    """Every (sample, view) of this run with its key. Samples without evidence get the full view only. `look`
+    holds what the attention measurements were resolved to (the layer, the self-zoom settings)."""
+    look = look or Look()
     planned = []
     for s in samples:
         if isinstance(s, BadSample):
@@ -108,11 +125,11 @@ def plan_benchmark(spec: BenchmarkSpec, samples: list[Sample | BadSample], cfg: 
                 prompt = spec.render_prompt(q, s.options)
             view_config = cfg.view_config.as_dict()
             if view == "selfcrop":
-                from vopd_bench import selfcrop
-
-                view_config["selfcrop"] = selfcrop.settings()
-            # --focus adds to the record, so a focus run does not take a plain run's records as done.
-            generation = {**gen.as_dict(), "focus": True} if cfg.focus else gen.as_dict()
+                view_config["selfcrop"] = look.selfcrop.settings() if look.selfcrop else None
+            # --focus adds to the record, so a focus run does not take a plain run's records as done; the layer and
+            # the measure are in the key, so records of another layer (or the earlier ratio) are not taken either.
+            generation = ({**gen.as_dict(), "focus": {"layer": look.layer, "measure": "evidence share"}}
+                          if cfg.focus else gen.as_dict())
             key = record_key(model=fingerprint, generation=generation, benchmark=spec.name, sample_id=s.id,
                              view=view, view_config=view_config, prompt=prompt)
             planned.append(_Planned(key, spec, s, view, prompt))
@@ -262,6 +279,7 @@ class _Batcher:
         self.queues: dict[tuple[str, str], list[tuple[_Planned, Record, Image.Image]]] = defaultdict(list)
         self.n_batches = 0
         self.view_config = ViewConfig()  # how crops are cut (the selfcrop view's zoom, focus boxes in crops)
+        self.look = Look()  # the layer focus reads, the self-zoom settings
 
     def record_now(self, p: _Planned, rec: Record) -> None:
         """A record that needs no backend call (a per-sample error)."""
@@ -289,7 +307,9 @@ class _Batcher:
             batch = self._zoom_in(batch)
         if not batch:
             return
-        responses = self.backend.generate([Request(p.key, img, p.prompt) for p, _, img in batch], self.gen)
+        requests = [Request(p.key, img[0], p.prompt, tuple(img[1:])) if isinstance(img, tuple)
+                    else Request(p.key, img, p.prompt) for p, _, img in batch]
+        responses = self.backend.generate(requests, self.gen)
         seconds = time.perf_counter() - b0
         if len(responses) != len(batch):
             raise VopdError(f"backend {self.backend.name} returned {len(responses)} answers for {len(batch)} requests")
@@ -316,21 +336,25 @@ class _Batcher:
         if self.on_batch is not None:
             self.on_batch(self.n_batches)
 
-    def _zoom_in(self, batch: list[tuple[_Planned, Record, Image.Image]]) -> list[tuple[_Planned, Record, Image.Image]]:
-        """The selfcrop view: choose each window from the model's attention (two prefill passes), then ask on
-        the window's crop. A sample whose window cannot be chosen is recorded with the reason."""
+    def _zoom_in(self, batch: list[tuple[_Planned, Record, Any]]) -> list[tuple[_Planned, Record, Any]]:
+        """The selfcrop view: choose each window from the model's attention (two prefill passes), then ask with
+        what the method shows (the full image and the crop, or the zoomed crop alone). A sample whose window
+        cannot be chosen (a failed pass, an unusable attention map) is recorded with the reason."""
         from vopd_bench import selfcrop
 
+        cfg = self.look.selfcrop
         kept = []
-        windows = selfcrop.locate(self.backend, [(p.prompt, img) for p, _, img in batch], self.gen)
+        items = [(p.prompt, selfcrop.generic_prompt(p.spec.render_prompt, p.sample.options, cfg.method), img)
+                 for p, _, img in batch]
+        windows = selfcrop.locate(self.backend, items, self.gen, cfg)
         for (p, rec, img), win in zip(batch, windows, strict=True):
             if isinstance(win, str):
-                rec.error, rec.error_kind = win, "backend"
+                rec.error, rec.error_kind = win, "sample" if win.startswith("no self-zoom window") else "backend"
                 self.record_now(p, rec)
                 continue
-            crop, region = selfcrop.crop_window(img, win.box, self.view_config)
+            images, region = selfcrop.shown_images(img, win, cfg, self.view_config)
             rec.window = list(region)
-            kept.append((p, rec, crop))
+            kept.append((p, rec, images if len(images) > 1 else images[0]))
         return kept
 
     def _add_focus(self, p: _Planned, rec: Record, att: Any) -> None:
@@ -339,7 +363,7 @@ class _Batcher:
         provided_crop = p.view == "crop" and isinstance(p.sample, Sample) and p.sample.crop_image is not None
         if rec.image_size and not provided_crop:
             shown = focus.boxes_in_view(p.view, rec.boxes, tuple(rec.image_size), self.view_config, rec.window)
-            rec.focus = focus.record_focus(att, shown)
+            rec.focus = focus.record_focus(att, shown, self.look.layer)
 
 
 def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
@@ -352,6 +376,12 @@ def run_gap_report(cfg: GapReportConfig, backend: Backend | None = None,
     bad_views = [v for v in cfg.views if v not in views.ALL_VIEWS]
     if bad_views or not cfg.views:
         raise VopdError(f"unknown view(s) {', '.join(bad_views) or '(none given)'}; expected some of {', '.join(views.ALL_VIEWS)}")
+    from vopd_bench.selfcrop import METHODS
+
+    if cfg.selfcrop_method not in METHODS:
+        raise VopdError(f"unknown --selfcrop-method {cfg.selfcrop_method!r}; expected one of {', '.join(METHODS)}")
+    if cfg.selfcrop_window is not None and cfg.selfcrop_window < 1:
+        raise VopdError("--selfcrop-window must be a positive number of pixels")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise VopdError("--batch-size and --max-new-tokens must be positive")
     with writing_to(cfg.out_dir()), output_lock(cfg.out_dir()):  # the ranks of one torchrun job share the lock
@@ -375,11 +405,10 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
         backend = get_backend(cfg.backend, cfg.model, trust_remote_code=cfg.trust_remote_code,
                               batch_size=cfg.batch_size, **_rank_backend_options(cfg, place))
         timings.model_load_seconds = time.perf_counter() - t_load
+    look = Look()
     if cfg.focus or any(v in views.ATTENTION_VIEWS for v in cfg.views):
-        from vopd_bench import attention
-
         try:
-            attention.enable(backend, focus=cfg.focus)
+            look = resolve_look(cfg, backend)
         except VopdError:
             if own_backend:
                 backend.close()
@@ -389,7 +418,7 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     out_dir = cfg.out_dir()
     records_path = out_dir / "samples.jsonl"
 
-    plans = {lb.name: plan_benchmark(lb.spec, lb.samples, cfg, fingerprint, gen) for lb in loaded}
+    plans = {lb.name: plan_benchmark(lb.spec, lb.samples, cfg, fingerprint, gen, look) for lb in loaded}
     if place.is_main:
         merge_shards(records_path)  # what the ranks of a killed run had finished, whatever its world size was
         store = RecordStore(records_path)
@@ -408,7 +437,7 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     progress = _Progress(cfg.quiet or not place.is_main)
     batch_size = getattr(backend, "preferred_batch_size", 0) or cfg.batch_size
     batcher = _Batcher(backend, gen, writer, progress, batch_size, on_batch, timings, judge)
-    batcher.view_config = cfg.view_config
+    batcher.view_config, batcher.look = cfg.view_config, look
     todo: list[list[_Planned]] = []  # per sample, the views still to ask (this rank's share)
     for lb in loaded:
         by_sample: dict[str, list[_Planned]] = defaultdict(list)
@@ -458,6 +487,8 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
         judge.close()
     timings.ask_seconds = time.perf_counter() - t0
     info = run_info(cfg, loaded, fingerprint, gen)
+    if look.layer is not None:
+        info["attention"] = look.as_dict()  # the layer read and the self-zoom settings, as resolved for this model
     info["batch_splits"] = getattr(backend, "batch_splits", 0)  # this invocation's batches retried one request at a time
     summary = write_outputs(out_dir, cfg, loaded, records, info)
     # run.json last: its timings cover the reports, and its presence marks a finished run.
@@ -465,6 +496,25 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     info["timings"] = timings.as_dict()
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return GapReportResult(out_dir, summary, records, timings)
+
+
+def resolve_look(cfg: GapReportConfig, backend: Backend) -> Look:
+    """Check that the backend and model can expose attention, switch focus capture on, and resolve the layer and
+    the self-zoom settings for this model (one line, VopdError, when something is missing)."""
+    from vopd_bench import attention, selfcrop
+    from vopd_bench.families import family_of
+
+    layer = attention.enable(backend, focus=cfg.focus, layer=cfg.focus_layer)
+    sc = None
+    if "selfcrop" in cfg.views:
+        side = None
+        if cfg.selfcrop_method == "paper":
+            side = cfg.selfcrop_window or family_of(backend.model.config).native_side
+            if side is None:
+                raise VopdError(f"model family {backend.model.config.model_type!r} has no known native input size for "
+                                "the paper's self-zoom: give one with --selfcrop-window")
+        sc = selfcrop.SelfCrop(cfg.selfcrop_method, layer if cfg.selfcrop_method == "paper" else None, side)
+    return Look(layer, sc)
 
 
 def _make_judge(cfg: GapReportConfig, out_dir: Path) -> Any:

@@ -38,11 +38,17 @@ def decoding_settings(gen: GenerationConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Request:
-    """One question about one image. The backend places the image before the text, as the paper does."""
+    """One question about one image (or a few: `extra_images` follow `image`, as the paper's self-zoom shows the
+    full image and its crop). The backend places the images before the text, as the paper does."""
 
     key: str
     image: Image.Image
     prompt: str
+    extra_images: tuple[Image.Image, ...] = ()
+
+    @property
+    def images(self) -> tuple[Image.Image, ...]:
+        return (self.image, *self.extra_images)
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,13 @@ class HFBackend:
         import torch
 
         start = time.perf_counter()
-        inputs = encode(self.processor, [r.image for r in requests], [r.prompt for r in requests],
+        inputs = encode(self.processor, [r.images for r in requests], [r.prompt for r in requests],
                         **gen.chat_template_kwargs).to(self.model.device)
         kwargs = dict(hf_generate_kwargs(decoding_settings(gen)), bad_words_ids=self._bad_ids or None)
         if kwargs["do_sample"]:
             torch.manual_seed(gen.seed)
-        if not self.capture_focus:
+        # Focus is measured on single-image prompts: a prompt with several images has no one token grid.
+        if not self.capture_focus or any(r.extra_images for r in requests):
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **kwargs)
             atts: list = [None] * len(requests)

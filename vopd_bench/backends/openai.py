@@ -91,11 +91,11 @@ def image_data_uri(image: Image.Image, fmt: str = "png") -> str:
 
 
 def chat_body(model_name: str, request: Request, gen: GenerationConfig, image_format: str = "png") -> dict[str, Any]:
-    """The chat-completions body for one request: image first, then the question."""
+    """The chat-completions body for one request: the image(s) first, then the question."""
     body: dict[str, Any] = {
         "model": model_name,
         "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_data_uri(request.image, image_format)}},
+            *({"type": "image_url", "image_url": {"url": image_data_uri(im, image_format)}} for im in request.images),
             {"type": "text", "text": request.prompt},
         ]}],
         "max_tokens": gen.max_new_tokens,

@@ -121,8 +121,8 @@ def _n_tokens(completion: Any) -> int | None:
 
 
 def conversation(request: Request) -> list[dict[str, Any]]:
-    """One user turn: the image (as a PIL image, no re-encoding) before the question."""
-    return [{"role": "user", "content": [{"type": "image_pil", "image_pil": request.image},
+    """One user turn: the image(s) (as PIL images, no re-encoding) before the question."""
+    return [{"role": "user", "content": [*({"type": "image_pil", "image_pil": im} for im in request.images),
                                          {"type": "text", "text": request.prompt}]}]
 
 
