@@ -31,7 +31,7 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
     res = CliRunner().invoke(app, ["compare", str(runs / "before"), str(runs / "after"), "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert (out / "compare.md").is_file()
-    assert (out / "before_after.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # distill's is before_after.png
     cmp = read_csv_exact(out / "compare.csv", keep_default_na=False, na_values=[""])
     assert list(cmp.columns) == COMPARE_COLUMNS
 
@@ -64,7 +64,7 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
         assert allc.loc["gap", col] == pytest.approx(allc.loc["gap_locate", col] + allc.loc["gap_zoom", col])
 
     md = (out / "compare.md").read_text()
-    assert "# Comparison: toy-before → toy-after" in md
+    assert "# Comparison: before → after" in md  # the runs' folders, not their model (both could be one)
     assert "| acc_full | 33.3 | 66.7 | +33.3 [" in md
 
 

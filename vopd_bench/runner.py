@@ -61,7 +61,8 @@ class GapReportConfig:
     focus: bool = False  # record each answer's attention ratio on the evidence (vopd_bench.focus)
 
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
+        """--out, or runs/<model-slug>/: a folder git ignores, apart from the committed examples in reports/."""
+        return Path(self.out) if self.out else Path("runs") / model_slug(self.model)
 
 
 @dataclass

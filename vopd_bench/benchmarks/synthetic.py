@@ -274,6 +274,7 @@ def synthetic_spec(arg: str | None, world: SyntheticWorld = SyntheticWorld()) ->
         load_rows=rows,
         to_sample=_row_sample,
         meta_fields=(),
+        evidence="boxes",
     )
 
 
