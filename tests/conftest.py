@@ -1,10 +1,14 @@
 import os
 
-import pytest
-from isolation import preserved_global_state
-
+# The tests run tiny models, whose ops are too small to split across threads: a second thread only spins (and on
+# a shared CPU makes a run several times slower). One thread, in this process and in every process a test starts,
+# unless the environment says otherwise. Set before torch is imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from isolation import preserved_global_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

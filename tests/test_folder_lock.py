@@ -47,6 +47,45 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
             pass
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    """Nothing written: the lock file and the folders made for it go; a folder that was there stays; a folder with
+    anything else in it (records to resume from) stays whole."""
+    for out in (tmp_path / "new" / "deep" / "out", tmp_path):
+        with pytest.raises(RuntimeError, match="no such model"):
+            with output_lock(out):
+                raise RuntimeError("no such model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # tmp_path itself was there before, and stays
+    with pytest.raises(KeyboardInterrupt):
+        with output_lock(tmp_path / "resumable"):
+            (tmp_path / "resumable" / "samples.jsonl").write_text("{}\n")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "resumable").iterdir()) == [LOCK_NAME, "samples.jsonl"]
+    with output_lock(tmp_path / "finished"):  # a run that ends well keeps its folder, even if it wrote nothing
+        pass
+    assert (tmp_path / "finished" / LOCK_NAME).is_file()
+
+
+def test_a_lock_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
+    """A second run that opened the lock file just before a failing first run removed it must not count a lock
+    on that file, now in no folder: it locks the folder's new file."""
+    import vopd_bench.folder_lock as fl
+
+    real_open, calls = fl._open, []
+
+    def open_then_lose(folder, path):
+        fd = real_open(folder, path)
+        calls.append(fd)
+        if len(calls) == 1:  # the first run gives up and removes its files between our open and our lock
+            path.unlink()
+            folder.rmdir()
+        return fd
+
+    monkeypatch.setattr(fl, "_open", open_then_lose)
+    with output_lock(tmp_path / "out") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(calls) == 2
+
+
 def test_the_lock_dies_with_a_killed_process(tmp_path):
     holder = _python(f"""
         import time
