@@ -127,7 +127,7 @@ def gap_report(
 
     set_max_pixels(max_image_pixels)
     if backend == "hf" and threads is None and model == "toy":
-        threads = 1  # 2.2x faster than two threads on this 2-core CPU under load (README, the mission's loop)
+        threads = 1  # its ops are too small to split; benchmarks/toy_threads.py measures 1 against 2 threads
     backend_options: dict = {"threads": threads} if backend == "hf" and threads else {}
     if backend == "openai":
         if not base_url:
