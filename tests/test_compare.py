@@ -64,7 +64,8 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
         assert allc.loc["gap", col] == pytest.approx(allc.loc["gap_locate", col] + allc.loc["gap_zoom", col])
 
     md = (out / "compare.md").read_text()
-    assert "# Comparison: before → after" in md  # the runs' folders, not their model (both could be one)
+    # the runs' folders, not their model (both could be one); distill's before/ and after/ with their parent's
+    assert f"# Comparison: {runs.name}/before → {runs.name}/after" in md
     assert "| acc_full | 33.3 | 66.7 | +33.3 [" in md
 
 
@@ -168,3 +169,11 @@ def test_training_curves_plot(tmp_path, monkeypatch):
     saved.clear()
     assert plot_training_curves([{"step": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_default_folder_is_under_runs_and_named_for_the_runs(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["compare", str(runs / "before"), str(runs / "after"), "-q", "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "compare" / f"{runs.name}-before_vs_{runs.name}-after"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "compare.png"]

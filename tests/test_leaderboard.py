@@ -83,10 +83,12 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
     assert "toy-before" in measured_part and "(paper" not in measured_part
     assert "toy-before" not in published_part
     # 8 of 24 right on the full image before, 16 after (see report_fixtures); CI half-widths alongside.
-    # Rows are called by their run (the folder's name), not by the model; the model is listed with its folder.
-    assert list(measured["label"]) == ["before", "after"]
-    assert "| before | 33.3 ± " in measured_part and "| after | 66.7 ± " in measured_part
-    assert f"| before | toy-before | {runs / 'before'} |" in measured_part
+    # Rows are called by their run (the folder's name; distill's before/ and after/ with their parent's), not by
+    # the model; the model is listed with its folder.
+    before, after = f"{runs.name}/before", f"{runs.name}/after"
+    assert list(measured["label"]) == [before, after]
+    assert f"| {before} | 33.3 ± " in measured_part and f"| {after} | 66.7 ± " in measured_part
+    assert f"| {before} | toy-before | {runs / 'before'} |" in measured_part
 
 
 def test_rows_are_named_by_run_or_label(runs, tmp_path):

@@ -238,6 +238,6 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, out_dir: str | Path | Non
     benches_b = {str(r.get("benchmark")) for r in recs_b}
     only_a, only_b = sorted(benches_a - benches_b), sorted(benches_b - benches_a)
     if out_dir is None:
-        out_dir = Path("runs") / "compare" / f"{dir_a.resolve().name}_vs_{dir_b.resolve().name}"
+        out_dir = Path("runs") / "compare" / f"{folder_a.replace('/', '-')}_vs_{folder_b.replace('/', '-')}"
     files = write_comparison(cmp, out_dir, label_a, label_b, only_a, only_b)
     return Comparison(cmp, label_a, label_b, only_a, only_b, files)

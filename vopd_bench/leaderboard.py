@@ -91,11 +91,16 @@ def load_run(report_dir: str | Path) -> RunSummary:
     return RunSummary(report_dir, model, summary, info)
 
 
+# The gap-report folders `vopd distill` writes in its --out: named for their place, so their parent names the run.
+DISTILL_RUNS = ("before", "after")
+
+
 def run_labels(report_dirs: Sequence[str | Path]) -> list[str]:
-    """A name per run for tables and charts: its folder's name, with as many parent folders as it takes to tell
-    runs apart (`a/toy`, `b/toy`); the same folder given twice keeps one name."""
+    """A name per run for tables and charts: its folder's name (with its parent for distill's `before`/`after`:
+    `toy-distill/after`), with as many parent folders as it takes to tell runs apart (`a/toy`, `b/toy`); the same
+    folder given twice keeps one name."""
     parts = [Path(d).resolve().parts for d in report_dirs]
-    depth = {p: 1 for p in parts}
+    depth = {p: 2 if p[-1] in DISTILL_RUNS and len(p) > 1 else 1 for p in parts}
     while True:
         names = {p: "/".join(p[-depth[p]:]) for p in parts}
         clash = [p for p in depth if sum(names[q] == names[p] for q in depth) > 1 and depth[p] < len(p)]
