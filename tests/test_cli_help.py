@@ -149,3 +149,15 @@ def test_benchmarks_lists_which_have_evidence(args):
     for name in ("pope", "mmstar", "hrbench-4k", "cv-bench"):
         assert rows[name][1] == "–", (name, rows[name])
     assert rows["vstar"][0] == "@lmms"
+
+
+def test_distill_q_is_quiet(monkeypatch, tmp_path):
+    import vopd_train.cli as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run_distill", lambda cfg, preset: seen.append(cfg))
+    _commands()
+    for flags, quiet in ((["-q"], True), ([], False)):
+        res = CliRunner().invoke(app, ["distill", "toy", "--data", "synthetic:train", "--out", str(tmp_path), *flags])
+        assert res.exit_code == 0, res.output
+        assert seen.pop().quiet is quiet
