@@ -201,10 +201,11 @@ def test_run_level_errors_are_one_line(args, message, tmp_path, monkeypatch, cap
 
 
 def test_a_run_that_fails_in_its_own_process_says_one_line_and_leaves_no_folder(tmp_path):
-    res = _run_cli("gap-report", "toy-that-does-not-exist/", "--quiet", cwd=tmp_path)
+    # a benchmark file that is not there: found after the output folder was locked, before any model loads
+    res = _run_cli("gap-report", "x", "--benchmarks", "local:/nonexistent/data.jsonl", "--quiet", cwd=tmp_path)
     assert res.returncode == 1
     err = res.stderr.strip()
-    assert "does not exist" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "file not found" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
