@@ -36,9 +36,9 @@ def _help(*args: str) -> str:
     return ANSI.sub("", res.output)
 
 
-def _rows(text: str) -> tuple[dict[str, str], list[str]]:
+def _rows(text: str, panel_of: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """The option rows of a rendered help, by their first long name, each row's lines joined with single spaces;
-    and the panel titles in order."""
+    and the panel titles in order. `panel_of`, when given, gets each option's panel."""
     rows: dict[str, str] = {}
     panels: list[str] = []
     current = None
@@ -56,6 +56,8 @@ def _rows(text: str) -> tuple[dict[str, str], list[str]]:
         if start:
             current = start.group(1)
             rows[current] = body
+            if panel_of is not None:
+                panel_of[current] = panels[-1]
         elif current is not None:
             rows[current] += " " + body
     return {k: " ".join(v.split()) for k, v in rows.items()}, panels
@@ -121,6 +123,16 @@ def test_distill_sorts_every_option_into_a_panel():
                                              "vopd_train/cli.py")
     _, panels = _rows(_help("distill"))
     assert panels == DISTILL_PANELS
+
+
+def test_gap_report_sorts_every_option_into_a_panel():
+    """Its options are long too: each belongs to a named panel (GAP_REPORT_PANELS in vopd_bench/cli.py), so the
+    plain "Options" panel holds --help alone."""
+    panel_of: dict[str, str] = {}
+    _rows(_help("gap-report"), panel_of)
+    unsorted = sorted(name for name, panel in panel_of.items() if panel == "Options" and name != "--help")
+    assert unsorted == [], f"add {unsorted} to GAP_REPORT_PANELS in vopd_bench/cli.py"
+    assert {"What is asked", "Output", "Backend", "Judge"} <= set(panel_of.values())
 
 
 def test_a_hard_wrapped_docstring_prints_as_one_paragraph():
