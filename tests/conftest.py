@@ -65,3 +65,13 @@ def one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def before_after_runs(tmp_path_factory):
+    """Two small gap-report runs with scripted answers (tests/report_fixtures.py), `before/` and `after/`, shared
+    by the compare, leaderboard and figure tests: they read them and write their own files elsewhere or in new
+    folders beside them."""
+    import report_fixtures as rf
+
+    return rf.before_and_after_runs(tmp_path_factory.mktemp("runs"), rf.SHARED_N)

@@ -30,9 +30,11 @@ N = 24
 BENCH = "local:toyset"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return rf.before_and_after_runs(tmp_path_factory.mktemp("lb"), N)
+@pytest.fixture
+def runs(before_after_runs):
+    """The session's two scripted runs (conftest.py): read them, write elsewhere or beside them."""
+    assert rf.SHARED_N == N
+    return before_after_runs
 
 
 def _summary_value(run_dir, metric: str, bench: str = BENCH, cat: str = "all") -> pd.Series:

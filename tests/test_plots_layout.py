@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import report_fixtures as rf
 from figure_layout import capture_figures, layout_problems
 
 from vopd_bench import analysis, plots
@@ -21,9 +20,10 @@ LONG_A = "qwen3.5-4b-after-300-steps-of-distillation-on-mined-failures"
 LONG_B = "qwen3.5-4b-before-any-training-with-its-stock-weights-and-template"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    return rf.before_and_after_runs(tmp_path_factory.mktemp("layout"), 24)
+@pytest.fixture
+def runs(before_after_runs) -> Path:
+    """The session's two scripted runs of 24 samples (conftest.py)."""
+    return before_after_runs
 
 
 def _as(bench: str, records: list) -> list:
