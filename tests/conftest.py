@@ -1,10 +1,14 @@
 import os
 
-import pytest
-from isolation import preserved_global_state
-
+# The tests run tiny models, whose ops are too small to split across threads: a second thread only spins (and on
+# a shared CPU makes a run several times slower). One thread, in this process and in every process a test starts,
+# unless the environment says otherwise. Set before torch is imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from isolation import preserved_global_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +65,13 @@ def one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def before_after_runs(tmp_path_factory):
+    """Two small gap-report runs with scripted answers (tests/report_fixtures.py), `before/` and `after/`, shared
+    by the compare, leaderboard and figure tests: they read them and write their own files elsewhere or in new
+    folders beside them."""
+    import report_fixtures as rf
+
+    return rf.before_and_after_runs(tmp_path_factory.mktemp("runs"), rf.SHARED_N)

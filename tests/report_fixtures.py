@@ -108,6 +108,9 @@ def run(bench: Path, out: Path, outcome: Outcome, model: str) -> GapReportResult
     return run_gap_report(cfg, backend=ScriptedBackend(outcome, model))
 
 
+SHARED_N = 24  # samples of the session's shared runs (conftest.before_after_runs)
+
+
 def before_and_after_runs(tmp: Path, n: int) -> Path:
     """Two gap-report runs of one `n`-sample benchmark, `tmp/before` and `tmp/after`; returns `tmp`."""
     bench = write_benchmark(tmp / "data", n)

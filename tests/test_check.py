@@ -72,3 +72,22 @@ def test_a_processor_that_needs_a_missing_package_says_which(tiny_model_dir, mon
     assert (line.capability, line.ok) == ("load", False)
     assert line.detail == (f"cannot load model {str(tiny_model_dir)!r}: Package `num2words` is required to run "
                            "SmolVLM processor. Install it with `pip install num2words`.")
+
+
+def test_quiet_prints_only_what_fails(monkeypatch):
+    from vopd_bench import check
+
+    def fake(model, *, on_line, **kw):
+        lines = [check.CheckLine("load", True, "ok"), check.CheckLine("gap-report", False, "out of memory"),
+                 check.CheckLine("vision fast path", False, "not available", required=False)]
+        for line in lines:
+            on_line(line)
+        return lines
+
+    monkeypatch.setattr(check, "run_check", fake)
+    _register_commands()
+    loud = CliRunner().invoke(app, ["check", "m"], env={"COLUMNS": "200"})
+    quiet = CliRunner().invoke(app, ["check", "m", "-q"], env={"COLUMNS": "200"})
+    assert len(loud.output.strip().splitlines()) == 3
+    assert [x.split()[0] for x in quiet.output.strip().splitlines()] == ["gap-report", "vision"]
+    assert loud.exit_code == quiet.exit_code == 1  # a required capability failed

@@ -21,9 +21,11 @@ N = 24
 BENCH = "local:toyset"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return rf.before_and_after_runs(tmp_path_factory.mktemp("cmp"), N)
+@pytest.fixture
+def runs(before_after_runs):
+    """The session's two scripted runs (conftest.py): read them, write elsewhere or beside them."""
+    assert rf.SHARED_N == N
+    return before_after_runs
 
 
 def test_cli_writes_files_and_values_equal_the_summaries(runs):
@@ -31,7 +33,7 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
     res = CliRunner().invoke(app, ["compare", str(runs / "before"), str(runs / "after"), "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert (out / "compare.md").is_file()
-    assert (out / "before_after.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # distill's is before_after.png
     cmp = read_csv_exact(out / "compare.csv", keep_default_na=False, na_values=[""])
     assert list(cmp.columns) == COMPARE_COLUMNS
 
@@ -64,7 +66,8 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
         assert allc.loc["gap", col] == pytest.approx(allc.loc["gap_locate", col] + allc.loc["gap_zoom", col])
 
     md = (out / "compare.md").read_text()
-    assert "# Comparison: toy-before → toy-after" in md
+    # the runs' folders, not their model (both could be one); distill's before/ and after/ with their parent's
+    assert f"# Comparison: {runs.name}/before → {runs.name}/after" in md
     assert "| acc_full | 33.3 | 66.7 | +33.3 [" in md
 
 
@@ -168,3 +171,11 @@ def test_training_curves_plot(tmp_path, monkeypatch):
     saved.clear()
     assert plot_training_curves([{"step": 1}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_default_folder_is_under_runs_and_named_for_the_runs(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["compare", str(runs / "before"), str(runs / "after"), "-q", "--n-boot", "50"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "compare" / f"{runs.name}-before_vs_{runs.name}-after"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "compare.png"]

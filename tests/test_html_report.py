@@ -265,6 +265,40 @@ def test_gallery_cap_order_and_missing_images(run, tmp_path):
     assert page.count('<img src="data:image/jpeg') == 2 * 3
 
 
+LONG = "local:field-photos-of-street-signs-2026-q3"
+
+
+def test_results_fit_1300_px_with_every_column_and_warn_of_parse_failures(run, browser, tmp_path):
+    """At 1,300 px nothing scrolls sideways, no table hides a column, no header cell is blank, and a benchmark
+    whose answers often fail to parse gets a warning right under the results table."""
+    tmp, records, _, run_info = run
+    # a third benchmark with a long name, whose full-view answers fail to parse on every other sample
+    long = [replace(r, benchmark=LONG, key=r.key + "l", image=None,
+                    **({"parsed": None, "parse_failed": True, "correct": False}
+                       if r.view == "full" and int(r.sample_id[1:]) % 2 else {}))
+            for r in records if r.benchmark == PROCEDURAL]
+    all_records = records + long
+    summary = analysis.summarize(all_records, n_boot=200)
+    path = write_html_report(tmp_path, summary, all_records, run_info, sample_lookup=lookup, max_gallery=4)
+    browser.load(path.resolve().as_uri(), width=1300)
+    assert browser.evaluate("document.documentElement.scrollWidth") <= 1300
+    hidden = browser.evaluate("""Array.from(document.querySelectorAll('table'))
+        .filter(t => t.scrollWidth > t.clientWidth + 1 || t.getBoundingClientRect().right > 1300)
+        .map(t => t.rows[0].innerText)""")
+    assert hidden == []
+    headers = browser.evaluate("Array.from(document.querySelectorAll('th')).map(th => th.innerText.trim())")
+    assert headers and "" not in headers
+    results = browser.evaluate("""(() => { const t = document.querySelector('h2 + table');
+        return [t.previousElementSibling.innerText, t.rows.length, t.rows[0].cells.length,
+                t.nextElementSibling.tagName, t.nextElementSibling.innerText]; })()""")
+    title, n_rows, n_cols, after, warning = results
+    assert title == "Results" and n_rows == 4 and n_cols == 12  # header + 3 benchmarks; nothing left out
+    assert after == "BLOCKQUOTE" and "could not be parsed" in warning
+    half = 100 * sum(int(r.sample_id[1:]) % 2 for r in long if r.view == "full") / N
+    assert f"{LONG} (full {half:.0f}%)" in warning  # 12 of 24: 50%
+    assert "local:toyset" not in warning  # its crop view fails on 1 of 24, under the 10% bar
+
+
 def test_browser_check_catches_errors(browser, tmp_path):
     """The console and load checks above can fail: a page with a script error and a missing image trips them."""
     bad = tmp_path / "bad.html"

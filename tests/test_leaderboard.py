@@ -30,9 +30,11 @@ N = 24
 BENCH = "local:toyset"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return rf.before_and_after_runs(tmp_path_factory.mktemp("lb"), N)
+@pytest.fixture
+def runs(before_after_runs):
+    """The session's two scripted runs (conftest.py): read them, write elsewhere or beside them."""
+    assert rf.SHARED_N == N
+    return before_after_runs
 
 
 def _summary_value(run_dir, metric: str, bench: str = BENCH, cat: str = "all") -> pd.Series:
@@ -83,7 +85,42 @@ def test_cli_writes_files_and_values_equal_the_summaries(runs):
     assert "toy-before" in measured_part and "(paper" not in measured_part
     assert "toy-before" not in published_part
     # 8 of 24 right on the full image before, 16 after (see report_fixtures); CI half-widths alongside.
-    assert "| toy-before | 33.3 ± " in measured_part and "| toy-after | 66.7 ± " in measured_part
+    # Rows are called by their run (the folder's name; distill's before/ and after/ with their parent's), not by
+    # the model; the model is listed with its folder.
+    before, after = f"{runs.name}/before", f"{runs.name}/after"
+    assert list(measured["label"]) == [before, after]
+    assert f"| {before} | 33.3 ± " in measured_part and f"| {after} | 66.7 ± " in measured_part
+    assert f"| {before} | toy-before | {runs / 'before'} |" in measured_part
+
+
+def test_rows_are_named_by_run_or_label(runs, tmp_path):
+    """Two runs of one model in folders of one name stay apart (their parent folders are added), and --label
+    names the rows outright: in the CSV, the markdown, the terminal table and the chart's legend."""
+    import shutil
+
+    from figure_layout import capture_figures
+
+    for parent in ("a", "b"):
+        shutil.copytree(runs / "before", tmp_path / parent / "toy")
+    out = tmp_path / "lb.csv"
+    with capture_figures() as figs:
+        res = CliRunner().invoke(app, ["leaderboard", str(tmp_path / "a" / "toy"), str(tmp_path / "b" / "toy"),
+                                       "--out", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out)
+    assert list(df["label"]) == ["a/toy", "b/toy"] and list(df["model"]) == ["toy-before", "toy-before"]
+    assert "│ a/toy │" in res.output and "│ b/toy │" in res.output
+    [fig] = figs
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a/toy", "b/toy"]
+
+    res = CliRunner().invoke(app, ["leaderboard", str(tmp_path / "a" / "toy"), str(tmp_path / "b" / "toy"),
+                                   "--out", str(out), "--label", "first", "-l", "second", "-q"])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(out)["label"]) == ["first", "second"]
+    assert "| first | 33.3 ± " in out.with_suffix(".md").read_text()
+    res = CliRunner().invoke(app, ["leaderboard", str(tmp_path / "a" / "toy"), "--out", str(out), "--label", "x",
+                                   "--label", "y"])
+    assert res.exit_code != 0 and "one per folder" in str(res.exception)
 
 
 def test_published_rows_are_labelled_and_converted(runs):

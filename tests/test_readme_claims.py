@@ -64,7 +64,7 @@ def test_gap_report_cli_wiring_through_a_server(tmp_path, monkeypatch, caplog):
     """One `vopd gap-report --backend openai` run checks five README promises at once: the crop flags cut the
     crop the README describes; `--no-thinking` sends `enable_thinking: false`; `--concurrency` reaches the
     backend; the API key goes only to the server, never to the output, logs or files; the default `--out` is
-    `reports/<model-slug>/`."""
+    `runs/<model-slug>/`."""
     import json
     import logging
     import threading
@@ -104,8 +104,8 @@ def test_gap_report_cli_wiring_through_a_server(tmp_path, monkeypatch, caplog):
     assert sorted(size for size, _ in seen) == [(120, 120)] * 2 + [(200, 100)] * 4
     assert all(kwargs == {"enable_thinking": False} for _, kwargs in seen)
 
-    out = tmp_path / "reports" / "served-vlm"  # `org/served-vlm` -> its last part
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["served-vlm"]
+    out = tmp_path / "runs" / "served-vlm"  # `org/served-vlm` -> its last part
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["served-vlm"]
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["backend_options"]["concurrency"] == 2
     assert run["config"]["backend_options"]["api_key_env"] == "VOPD_TEST_KEY"  # the variable's name only

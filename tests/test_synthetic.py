@@ -168,3 +168,23 @@ def test_bad_world_parameters_raise_one_line_errors():
         SyntheticWorld(option_mode="sorted")
     with pytest.raises(VopdError, match="cannot place"):
         make_sample(0, "test", SyntheticWorld(canvas=40, n_objects=(8, 8)))
+
+
+def test_find_rebuilds_one_sample_as_the_split_holds_it():
+    """`find` (failures.jsonl records without images) gives the very sample the loaded split has, alone."""
+    from vopd_bench.benchmarks import load, resolve
+    from vopd_bench.benchmarks.spec import LoadContext
+
+    for name, seed in (("synthetic", 0), ("synthetic:validation", 3)):
+        spec = resolve(name)[0]
+        loaded = load(name, limit=6, seed=seed).samples
+        for s in loaded[::5]:
+            found = spec.find(s.id, LoadContext(seed=seed))
+            assert found is not None and (found.id, found.question, found.options, found.answer, found.boxes) == \
+                (s.id, s.question, s.options, s.answer, s.boxes)
+            assert found.image().tobytes() == s.image().tobytes()
+        other_seed = 1 if seed == 0 else 0
+        assert spec.find(loaded[0].id, LoadContext(seed=other_seed)) is None  # another seed's ids differ
+    spec = resolve("synthetic:train")[0]
+    assert [spec.find(i, LoadContext()) for i in ("test-00001", "train-25200", "train-x", "")] == [None] * 4
+    assert spec.find("train-25199", LoadContext()).id == "train-25199"

@@ -1,5 +1,6 @@
 """The golden test of the embedded default: `vopd gap-report toy`, run through the installed CLI exactly as the
-README tells a newcomer to run it, must reproduce every committed number.
+README tells a newcomer to run it, in a fresh copy of the checkout, must do real work (backend time > 0), leave
+`git status` clean, and reproduce every committed number.
 
 It checks the run against five committed sources, each independently of the code that wrote them:
 - `reports/toy/summary.csv`, value by value;
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -44,15 +46,52 @@ def _vopd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "vopd_bench.cli"]
 
 
+def _git(cwd: Path, *args: str) -> str:
+    res = subprocess.run(["git", "-c", "user.name=vopd-test", "-c", "user.email=test@vopd.invalid", *args], cwd=cwd,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _fresh_checkout(dest: Path) -> Path:
+    """The checkout as a newcomer's clone has it: the files git tracks (as in this working tree, uncommitted changes
+    included, and new files not ignored), committed in a new repository, so `git status` starts clean."""
+    listed = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():  # a tracked file deleted in this working tree is not in the clone either
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    _git(dest, "init", "-q")
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "-m", "the checkout")
+    assert _git(dest, "status", "--porcelain") == ""
+    return dest
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, str]:
-    """The README's command, from an empty folder, so the output lands in the default `reports/toy/`."""
-    cwd = tmp_path_factory.mktemp("golden")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    res = subprocess.run([*_vopd(), "gap-report", "toy"], cwd=cwd, env=env, capture_output=True, text=True,
+    """The README's command, at the root of a fresh checkout, so the output lands in the default folder."""
+    checkout = _fresh_checkout(tmp_path_factory.mktemp("golden"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([*_vopd(), "gap-report", "toy"], cwd=checkout, env=env, capture_output=True, text=True,
                          timeout=1800)
     assert res.returncode == 0, res.stderr[-2000:]
-    return cwd / "reports" / "toy", res.stdout
+    return checkout / "runs" / "toy", res.stdout
+
+
+def test_the_first_command_does_real_work_and_leaves_the_checkout_clean(run):
+    """Not the committed reports/toy/ resumed (that would ask nothing and rewrite committed files), but a run
+    into a folder git ignores."""
+    out, stdout = run
+    checkout = out.parents[1]
+    last = stdout.strip().splitlines()[-1]
+    backend = re.search(r"backend (\d+\.\d) s", last)
+    assert backend and float(backend.group(1)) > 0, last
+    assert "nothing asked" not in last
+    assert (out / "summary.csv").is_file() and (out / "report.html").is_file()
+    assert _git(checkout, "status", "--porcelain", "--untracked-files=all") == ""
 
 
 def _summary(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
@@ -103,9 +142,8 @@ def test_run_json_records_the_command_and_the_commit(run):
     assert info["config"]["out"] is None and info["model"] == "toy"
     assert info["config"]["trust_remote_code"] is False  # off unless asked
     assert info["config"]["backend_options"] == {"threads": 1}  # the toy's ops are too small to split
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode == 0:  # a source checkout: the run names the commit it ran from
-        assert info["git_commit"] == head.stdout.strip()
+    # a source checkout: the run names the commit it ran from (the fresh checkout's)
+    assert info["git_commit"] == _git(out.parents[1], "rev-parse", "HEAD").strip()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -238,3 +238,18 @@ def test_in_place_validation_matches_a_gap_report_of_the_same_weights(tmp_path):
     assert result.acc_full == pytest.approx(s[("all", "acc_full")])
     assert result.acc_crop == pytest.approx(s[("all", "acc_crop")]) and result.acc_crop > result.acc_full
     assert result.acc_box == pytest.approx(s[("all", "acc_box")])
+
+
+def test_curves_are_redrawn_during_a_run_at_most_once_a_minute(tiny_model_dir, tmp_path, monkeypatch):
+    """After each evaluation only when PLOT_EVERY_S has passed since the last drawing; always at the end."""
+    import vopd_train.plots
+    import vopd_train.trainer as trainer
+
+    drawn = []
+    monkeypatch.setattr(vopd_train.plots, "plot_curves", lambda history, path, **kw: drawn.append(len(history)))
+    planted_run(best_cfg(tiny_model_dir, tmp_path / "short", steps=2))[0].train()
+    assert drawn == [2]  # a short run: once, at the end, with both steps
+    drawn.clear()
+    monkeypatch.setattr(trainer, "PLOT_EVERY_S", 0.0)  # a long run: after every evaluation too
+    planted_run(best_cfg(tiny_model_dir, tmp_path / "long", steps=2))[0].train()
+    assert drawn == [0, 1, 2, 2]

@@ -64,6 +64,25 @@ def test_failures_jsonl_regenerates_in_memory_images_and_reads_paths(tmp_path):
     assert r1.teacher_image.tobytes() == views.crop_view(s1.image(), s1.boxes)[0].tobytes()
 
 
+def test_failures_of_a_procedural_benchmark_rebuild_only_their_samples(tmp_path, monkeypatch):
+    """Records of synthetic:train (25,200 samples) are rebuilt one by one, not by loading the split."""
+    from vopd_bench import benchmarks
+    from vopd_bench.benchmarks.synthetic import make_sample
+
+    wanted = [make_sample(i, "train") for i in (7, 20001)]
+    path = tmp_path / "failures.jsonl"
+    path.write_text("".join(json.dumps({"benchmark": "synthetic:train", "sample_id": s.id, "image": None}) + "\n"
+                            for s in wanted))
+
+    def no_load(*a, **kw):
+        raise AssertionError("the whole benchmark was loaded")
+
+    monkeypatch.setattr(benchmarks, "load", no_load)
+    ps = load_prompts(str(path))
+    assert [p.id for p in ps.prompts] == [f"synthetic:train/{s.id}" for s in wanted] and not ps.skipped
+    assert ps.prompts[1].render().student_image.tobytes() == wanted[1].image().tobytes()
+
+
 def test_failures_file_of_the_wrong_kind_is_one_clear_error(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"foo": 1}\n')

@@ -130,8 +130,8 @@ def test_sigkilled_and_resumed_run_ends_with_the_same_weights(tiny_model_dir, tm
     assert killed.returncode == -9, killed.stderr[-2000:]  # died in step 3, after the state saved at step 2
     state = json.loads((tmp_path / "killed" / "state" / "trainer_state.json").read_text())
     assert state["step"] == 2 and not (tmp_path / "killed" / "model").exists()
-    resumed = run(tmp_path / "killed", kill_at=0)  # the same command resumes
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the same settings resume, here in this process (the killed one was a process of its own, as it must be)
+    assert Distiller(resume_cfg(tiny_model_dir, tmp_path / "killed")).train().model_dir.is_dir()
 
     Distiller(resume_cfg(tiny_model_dir, tmp_path / "straight")).train()  # one thread, like the subprocess
     assert_same_weights(tmp_path / "straight" / "model", tmp_path / "killed" / "model")

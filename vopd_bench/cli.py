@@ -10,10 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vopd_bench.cli_help import VopdCommand, VopdGroup, with_panels
 from vopd_bench.errors import VopdError, write_error
 
 app = typer.Typer(
     name="vopd",
+    cls=VopdGroup,
     help="Measure and close the regional-to-global perception gap of multimodal LLMs.",
     no_args_is_help=True,
     add_completion=False,
@@ -21,13 +23,52 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+DEFAULT_OUT = "runs/<model-slug>/"  # gap-report's output folder; git ignores runs/ (runner.GapReportConfig.out_dir)
+
+
+def version_text() -> str:
+    """`vopd 0.1.0`: the installed distribution's version, or the source tree's when vopd is not installed."""
+    from importlib import metadata
+
+    from vopd_bench import __version__
+
+    try:
+        return f"vopd {metadata.version('vopd')}"
+    except metadata.PackageNotFoundError:
+        return f"vopd {__version__}"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(version_text(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print vopd's version and exit."),
+) -> None:
+    """Measure and close the regional-to-global perception gap of multimodal LLMs."""
 
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-@app.command("gap-report")
+# The panels of `vopd gap-report --help`, by parameter name.
+GAP_REPORT_PANELS = {
+    "What is asked": ("benchmarks", "views", "limit", "max_new_tokens", "seed", "no_thinking", "crop_context",
+                      "crop_min_side", "crop_zoom", "data_dir", "max_image_pixels"),
+    "Focus and selfcrop": ("focus", "focus_layer", "selfcrop_method", "selfcrop_window"),
+    "Output": ("out", "force", "quiet"),
+    "Backend": ("backend", "batch_size", "trust_remote_code", "threads", "tensor_parallel_size", "max_model_len",
+                "base_url", "model_name", "api_key_env", "concurrency", "request_timeout", "image_format"),
+    "Judge": ("judge_base_url", "judge_model", "judge_api_key_env"),
+}
+
+
+@app.command("gap-report", cls=with_panels(GAP_REPORT_PANELS))
 def gap_report(
     model: str = typer.Argument(..., help="Model to evaluate: `toy` (the built-in tiny VLM), a local folder, or a hub id."),
     benchmarks: str = typer.Option("synthetic", "--benchmarks", "-b",
@@ -35,14 +76,14 @@ def gap_report(
                                         "`vopd benchmarks` lists them."),
     views: str = typer.Option("full,crop,box", help="Comma-separated views: full, crop (evidence crop), box (full "
                                                      "image with the evidence outlined in red, plus the paper's hint), "
-                                                     "selfcrop (the window the model's own attention picks, zoomed "
-                                                     "as the crop; hf backend)."),
-    limit: int | None = typer.Option(None, help="Ask at most this many samples per benchmark."),
+                                                     "selfcrop (the window the model's own attention picks, shown "
+                                                     "as --selfcrop-method says; hf backend)."),
+    limit: int | None = typer.Option(None, help="Ask at most this many samples per benchmark. [default: all]"),
     backend: str = typer.Option("hf", help="Backend: hf (transformers), vllm (offline engine) or openai "
                                             "(any OpenAI-compatible server)."),
     batch_size: int = typer.Option(16, help="Requests per backend batch (hf, vllm)."),
     max_new_tokens: int = typer.Option(32, help="Longest answer generated, in tokens."),
-    out: Path | None = typer.Option(None, help="Output folder [default: reports/<model-slug>/]."),
+    out: Path | None = typer.Option(None, help=f"Output folder; rerun the same command to resume it. [default: {DEFAULT_OUT}]"),
     seed: int = typer.Option(0, help="Seed for sampling, bootstrap CIs and procedural benchmarks."),
     force: bool = typer.Option(False, "--force", help="Redo samples already answered in the output folder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -50,31 +91,36 @@ def gap_report(
     crop_context: float = typer.Option(1.0, help="Crop side as a multiple of the evidence box (1.0 = tight, the paper's crop)."),
     crop_min_side: int = typer.Option(28, help="Smallest crop side in source pixels."),
     crop_zoom: float = typer.Option(2.0, help="Resize factor applied to the crop (the paper uses 2)."),
-    data_dir: Path | None = typer.Option(None, help="Local copy of a hub dataset repository (same files and layout)."),
+    data_dir: Path | None = typer.Option(None, help="Local copy of a hub dataset repository (same files and layout). "
+                                                     "[default: none, files come from the hub]"),
     max_image_pixels: int = typer.Option(100_000_000, help="Largest image accepted, in pixels, read from its header "
                                                            "before decoding; a larger one is a sample error. The "
                                                            "default covers every supported benchmark."),
-    base_url: str | None = typer.Option(None, help="openai backend: server URL, e.g. http://localhost:8000/v1."),
-    model_name: str | None = typer.Option(None, help="openai backend: the model name the server knows [default: MODEL]."),
+    base_url: str | None = typer.Option(None, help="openai backend: server URL, e.g. http://localhost:8000/v1. "
+                                                  "[default: none, required by the openai backend]"),
+    model_name: str | None = typer.Option(None, help="openai backend: the model name the server knows. "
+                                                      "[default: MODEL]"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="openai backend: environment variable holding the API key."),
     concurrency: int = typer.Option(64, help="openai backend: requests in flight at once."),
     request_timeout: float = typer.Option(120.0, help="openai backend: seconds before one request is retried."),
-    image_format: str = typer.Option("png", help="openai backend: how images are sent, png (lossless, the default) "
+    image_format: str = typer.Option("png", help="openai backend: how images are sent, png (lossless) "
                                                   "or jpeg (much cheaper to encode for large photographs)."),
-    threads: int | None = typer.Option(None, help="hf backend on a CPU: torch threads [default: torch's choice; "
-                                                    "1 for the toy, whose ops are too small to split]. On a machine "
-                                                    "busy with other work, 1 can be much faster."),
+    threads: int | None = typer.Option(None, help="hf backend on a CPU: torch threads. On a machine busy with other "
+                                                    "work, 1 can be much faster. [default: torch's choice; 1 for the "
+                                                    "toy, whose ops are too small to split]"),
     tensor_parallel_size: int = typer.Option(1, help="vllm backend: GPUs per model replica."),
-    max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap."),
+    max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap. [default: the model's]"),
     no_thinking: bool = typer.Option(False, "--no-thinking",
                                      help="Pass enable_thinking=false to the chat template (Qwen3/3.5 non-thinking mode)."),
     judge_base_url: str | None = typer.Option(None, help="OpenAI-compatible server of an LLM judge for answers the "
-                                                          "rules cannot decide. Without it they count as parse failures."),
-    judge_model: str | None = typer.Option(None, help="Model name of the judge."),
+                                                          "rules cannot decide. Without it they count as parse failures. "
+                                                          "[default: none, no judge]"),
+    judge_model: str | None = typer.Option(None, help="Model name of the judge. [default: none, no judge]"),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
-    focus: bool = typer.Option(False, "--focus", help="Also record where the model looks: the attention ratio on the "
-                                                       "evidence per layer band (focus_<view> rows; hf backend)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables: only the timings line."),
+    focus: bool = typer.Option(False, "--focus", help="Also record where the model looks: the share of the answer "
+                                                       "position's image attention on the evidence, beside the "
+                                                       "evidence's area (focus_<view>_* rows; hf backend)."),
     focus_layer: int | None = typer.Option(None, help="The language-model layer (0-based) that --focus and the paper's "
                                                       "self-zoom read [default: the family's, e.g. 22 of 36 for "
                                                       "Qwen2.5-VL-3B]. `vopd focus-layers` helps choose it."),
@@ -92,7 +138,7 @@ def gap_report(
 
     set_max_pixels(max_image_pixels)
     if backend == "hf" and threads is None and model == "toy":
-        threads = 1  # 2.2x faster than two threads on this 2-core CPU under load (README, the mission's loop)
+        threads = 1  # its ops are too small to split; benchmarks/toy_threads.py measures 1 against 2 threads
     backend_options: dict = {"threads": threads} if backend == "hf" and threads else {}
     if backend == "openai":
         if not base_url:
@@ -152,32 +198,56 @@ def print_summary(summary) -> None:
     console.print(table)
 
 
-@app.command("benchmarks")
-def list_benchmarks() -> None:
-    """List the benchmarks vopd knows."""
+@app.command("benchmarks", cls=VopdCommand)
+def list_benchmarks(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Names only, one a line, variants included."),
+) -> None:
+    """List the benchmarks vopd knows: which carry evidence (and so have the crop and box views and the gaps),
+    their prompt variants, and where their data comes from."""
     from vopd_bench import benchmarks as registry
 
+    specs = {}
     for name in registry.available():
         try:
-            source = registry.resolve(name)[0].source
-        except VopdError as e:  # benchmarks that need an argument, such as local:PATH
-            source = str(e)
-        console.print(f"{name:<22} {source}", highlight=False)
+            specs[name] = registry.resolve(name)[0]
+        except VopdError:  # a benchmark that needs an argument, such as local:PATH
+            name += ":PATH"
+            specs[name] = registry.resolve(name)[0]
+    if quiet:
+        for name in specs:
+            console.print(name, highlight=False)
+        return
+    variants: dict[str, list[str]] = {}
+    for name in specs:
+        base, _, variant = name.partition("@")
+        variants.setdefault(base, [])
+        if variant:
+            variants[base].append("@" + variant)
+    table = Table(title="Benchmarks: -b NAME. Those with evidence have the crop and box views and the gaps; the "
+                        "others, the full view only.", title_justify="left")
+    for col in ("benchmark", "variants", "evidence", "source"):
+        table.add_column(col, no_wrap=col == "benchmark", overflow="fold")
+    for base in sorted(variants, key=lambda b: (not specs[b].evidence, b)):  # those with evidence first
+        spec = specs[base]
+        table.add_row(base, ", ".join(variants[base]) or "–", spec.evidence or "–", spec.source)
+    console.print(table)
 
 
 def check(
     model: str = typer.Argument(..., help="Model to check: `toy`, a local folder, or a hub id."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow the model's own code from the hub to run. Off unless you ask."),
-    device: str | None = typer.Option(None, help="Device: auto, cpu, cuda, … [default: a GPU when there is one]."),
-    threads: int | None = typer.Option(None, help="Torch threads on a CPU [default: torch's choice]."),
-    keep: Path | None = typer.Option(None, help="Keep the scratch runs in this folder [default: a temporary one]."),
+    device: str | None = typer.Option(None, help="Device: auto, cpu, cuda or cuda:N. [default: auto, a GPU when there is one]"),
+    threads: int | None = typer.Option(None, help="Torch threads on a CPU. [default: torch's choice]"),
+    keep: Path | None = typer.Option(None, help="Keep the scratch runs in this folder. [default: a temporary one]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the capabilities that fail."),
     **plan_options,
 ) -> None:
-    """Before a long job: does MODEL work with vopd? One line per capability (load, gap-report, distill full,
-    distill LoRA, vLLM requests, vision fast path), each `ok` or the first line of the reason. With --plan: the
-    per-GPU memory plan of the distill run the options describe (no weights loaded), and what to change if it
-    does not fit."""
+    """Before a long job: does MODEL work with vopd?
+
+    One line per capability (load, gap-report, distill full, distill LoRA, vLLM requests, vision fast path),
+    each `ok` or the first line of the reason. With --plan: the per-GPU memory plan of the distill run the options
+    describe (no weights loaded), and what to change if it does not fit."""
     if plan_options.get("plan"):
         from vopd_train.plan_cli import run_plan
 
@@ -194,8 +264,12 @@ def check(
             raise VopdError(f"--{given[0].replace('_', '-')} only applies with --plan")
     from vopd_bench.check import run_check
 
+    def show(line) -> None:
+        if not (quiet and line.ok):
+            console.print(line.render(), highlight=False, soft_wrap=True)
+
     lines = run_check(model, work_dir=keep, trust_remote_code=trust_remote_code, device=device, threads=threads,
-                      on_line=lambda line: console.print(line.render(), highlight=False, soft_wrap=True))
+                      on_line=show)
     failed = [line.capability for line in lines if line.required and not line.ok]
     if failed:
         raise VopdError(f"{model} failed: {', '.join(failed)}")
@@ -212,13 +286,14 @@ def _with_plan_options(command):
         params = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
     else:
         params = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
-        params += plan_params()
+        own = {p.name for p in params}  # check's own -q, --device, … stay check's
+        params += [p for p in plan_params() if p.name not in own]
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
 
 
-app.command("check")(_with_plan_options(check))
+app.command("check", cls=VopdCommand)(_with_plan_options(check))
 
 
 def _register_commands() -> None:
@@ -235,13 +310,15 @@ def _register_commands() -> None:
     known = {c.name for c in app.registered_commands}
     for sub in apps:
         app.registered_commands.extend(c for c in sub.registered_commands if c.name not in known)
+    for c in app.registered_commands:  # every command's help shows its defaults and no placeholder after a flag
+        c.cls = c.cls or VopdCommand
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_commands()
     try:
-        app()
+        app(prog_name="vopd")
     except Exception as e:
         # a failed write outside the commands' own output folders (which name theirs): one line, not a traceback
         err = e if isinstance(e, VopdError) else write_error(e)

@@ -9,16 +9,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vopd_bench.cli_help import VopdCommand
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
-@app.command("leaderboard")
+@app.command("leaderboard", cls=VopdCommand)
 def leaderboard_cmd(
     report_dirs: list[Path] = typer.Argument(..., help="gap-report output folders (each with summary.csv and "
                                                        "run.json), one leaderboard row each."),
-    out: Path = typer.Option(Path("reports/leaderboard.csv"), "--out", "-o",
+    out: Path = typer.Option(Path("runs/leaderboard.csv"), "--out", "-o",
                              help="CSV to write; leaderboard.md and leaderboard.png go next to it."),
+    label: list[str] | None = typer.Option(None, "--label", "-l",
+                                           help="Name of a run in tables and the chart; give one per folder, in "
+                                                "order. [default: each folder's name]"),
     with_published: bool = typer.Option(False, "--with-published",
                                         help="Add the paper's published rows (Table 1 v1 and v2, Fig. 3 gaps), "
                                              "labelled as published and never mixed into measured numbers."),
@@ -29,12 +34,12 @@ def leaderboard_cmd(
 
     from vopd_bench.leaderboard import benchmarks_of, leaderboard
 
-    df, files = leaderboard(report_dirs, out, with_published=with_published)
+    df, files = leaderboard(report_dirs, out, with_published=with_published, labels=label or ())
     if not quiet:
         measured = df[df["source"] == "measured"]
         table = Table(title="Leaderboard, measured (accuracy %, gap pp)")
-        for col in ("model", "benchmark", "full", "crop", "box", "gap", "n"):
-            table.add_column(col, justify="left" if col in ("model", "benchmark") else "right")
+        for col in ("run", "benchmark", "full", "crop", "box", "gap", "n"):
+            table.add_column(col, justify="left" if col in ("run", "benchmark") else "right")
 
         def cell(v: object, signed: bool = False) -> str:
             if v is None or v != v:
@@ -45,7 +50,7 @@ def leaderboard_cmd(
             for bench in benchmarks_of(measured):
                 if pd.isna(r.get(f"{bench}:n")):
                     continue
-                table.add_row(str(r["model"]), bench, *(cell(r.get(f"{bench}:{v}")) for v in ("full", "crop", "box")),
+                table.add_row(str(r["label"]), bench, *(cell(r.get(f"{bench}:{v}")) for v in ("full", "crop", "box")),
                               cell(r.get(f"{bench}:gap"), signed=True), str(int(r[f"{bench}:n"])))
         console.print(table)
         n_pub = int((df["source"] == "published").sum())
@@ -54,20 +59,20 @@ def leaderboard_cmd(
         console.print("Wrote " + ", ".join(str(p) for p in files.values()))
 
 
-@app.command("compare")
+@app.command("compare", cls=VopdCommand)
 def compare_cmd(
     a: Path = typer.Argument(..., help="Run A: a gap-report folder (e.g. before distillation)."),
     b: Path = typer.Argument(..., help="Run B: a gap-report folder (e.g. after distillation)."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Output folder [default: reports/compare/<A>_vs_<B>/]."),
-    label_a: str | None = typer.Option(None, help="Name of run A in tables and plots [default: its model]."),
-    label_b: str | None = typer.Option(None, help="Name of run B [default: its model]."),
+                                    help="Output folder. [default: runs/compare/<A>_vs_<B>/]"),
+    label_a: str | None = typer.Option(None, help="Name of run A in tables and plots. [default: its folder's name]"),
+    label_b: str | None = typer.Option(None, help="Name of run B. [default: its folder's name]"),
     seed: int = typer.Option(0, help="Seed of the paired bootstrap."),
     n_boot: int = typer.Option(2000, help="Bootstrap resamples."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on the terminal."),
 ) -> None:
     """Paired differences B − A on the samples both runs share: accuracy per view and the gaps, with 95% CIs
-    and the exact McNemar p. Writes compare.csv, compare.md and before_after.png."""
+    and the exact McNemar p. Writes compare.csv, compare.md and compare.png."""
     from vopd_bench.compare import compare_dirs
     from vopd_bench.report import fmt_acc, fmt_gap, fmt_p
 
@@ -87,12 +92,13 @@ def compare_cmd(
         console.print("Wrote " + ", ".join(str(p) for p in res.files.values()))
 
 
-@app.command("focus-layers")
+@app.command("focus-layers", cls=VopdCommand)
 def focus_layers_cmd(
     report_dir: Path = typer.Argument(..., help="A gap-report folder run with --focus, ideally on a validation split "
                                                 "with evidence boxes (e.g. `-b synthetic:validation`)."),
     view: str = typer.Option("full", help="The view whose records are read."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the best layer's line, no table."),
 ) -> None:
     """Per language-model layer, how much more of the answer position's image attention falls on the evidence
     than a uniform spread would put there (mean share − area, 95% CI): pass the best layer to --focus-layer."""
@@ -114,5 +120,6 @@ def focus_layers_cmd(
     for r in rows:
         mark = " ←" if r is best else ""
         table.add_row(str(r["layer"]), f"{r['lift']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{mark}", str(r["n"]))
-    console.print(table)
+    if not quiet:
+        console.print(table)
     console.print(f"highest: layer {best['layer']} (--focus-layer {best['layer']})")

@@ -159,13 +159,6 @@ class Comparison:
     files: dict[str, Path]
 
 
-def _label(report_dir: Path) -> str:
-    try:
-        info = json.loads((report_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        info = {}
-    return str(info.get("model") or report_dir.resolve().name)
-
 
 def render_markdown(cmp: pd.DataFrame, label_a: str, label_b: str, only_a: Sequence[str] = (),
                     only_b: Sequence[str] = ()) -> str:
@@ -212,7 +205,7 @@ def render_markdown(cmp: pd.DataFrame, label_a: str, label_b: str, only_a: Seque
 
 def write_comparison(cmp: pd.DataFrame, out_dir: str | Path, label_a: str, label_b: str,
                      only_a: Sequence[str] = (), only_b: Sequence[str] = ()) -> dict[str, Path]:
-    """compare.csv, compare.md and before_after.png in `out_dir`; returns their paths by kind."""
+    """compare.csv, compare.md and compare.png in `out_dir`; returns their paths by kind."""
     from vopd_bench.plots_compare import plot_before_after
 
     out_dir = Path(out_dir)
@@ -220,7 +213,7 @@ def write_comparison(cmp: pd.DataFrame, out_dir: str | Path, label_a: str, label
     files = {"csv": out_dir / "compare.csv", "md": out_dir / "compare.md"}
     cmp.to_csv(files["csv"], index=False)
     files["md"].write_text(render_markdown(cmp, label_a, label_b, only_a, only_b), encoding="utf-8")
-    png = plot_before_after(cmp, out_dir / "before_after.png", label_a, label_b)
+    png = plot_before_after(cmp, out_dir / "compare.png", label_a, label_b)
     if png is not None:
         files["png"] = png
     return files
@@ -229,21 +222,23 @@ def write_comparison(cmp: pd.DataFrame, out_dir: str | Path, label_a: str, label
 def compare_dirs(dir_a: str | Path, dir_b: str | Path, out_dir: str | Path | None = None, *,
                  label_a: str | None = None, label_b: str | None = None, n_boot: int = 2000,
                  seed: int = 0) -> Comparison:
-    """Compare two gap-report folders and write the files (default folder: reports/compare/<A>_vs_<B>)."""
+    """Compare two gap-report folders and write the files (default folder: runs/compare/<A>_vs_<B>). A run is
+    called by `label_a`/`label_b`, else by its folder's name (with its parents when both are named alike)."""
     dir_a, dir_b = Path(dir_a), Path(dir_b)
     for d in (dir_a, dir_b):
         if not d.is_dir():
             raise VopdError(f"report folder not found: {d}")
     recs_a, recs_b = read_records(dir_a / "samples.jsonl"), read_records(dir_b / "samples.jsonl")
-    label_a, label_b = label_a or _label(dir_a), label_b or _label(dir_b)
-    if label_a == label_b:  # e.g. two runs of the same model name: the folders tell them apart
-        label_a, label_b = f"{label_a} ({dir_a.name})", f"{label_b} ({dir_b.name})"
+    from vopd_bench.leaderboard import run_labels
+
+    folder_a, folder_b = run_labels([dir_a, dir_b])
+    label_a, label_b = label_a or folder_a, label_b or folder_b
     cmp = compare_records(recs_a, recs_b, n_boot=n_boot, seed=seed)
     benches_a = {str(r.get("benchmark")) for r in recs_a}
     benches_b = {str(r.get("benchmark")) for r in recs_b}
     only_a, only_b = sorted(benches_a - benches_b), sorted(benches_b - benches_a)
     if out_dir is None:
-        out_dir = Path("reports") / "compare" / f"{dir_a.resolve().name}_vs_{dir_b.resolve().name}"
+        out_dir = Path("runs") / "compare" / f"{folder_a.replace('/', '-')}_vs_{folder_b.replace('/', '-')}"
     with writing_to(out_dir, resumes=False):
         files = write_comparison(cmp, out_dir, label_a, label_b, only_a, only_b)
     return Comparison(cmp, label_a, label_b, only_a, only_b, files)

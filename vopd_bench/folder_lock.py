@@ -1,9 +1,13 @@
 """One writer per output folder: an OS file lock that `gap-report` holds on its `--out` and `distill` on its.
 
 The lock is `fcntl.flock` on `<folder>/.vopd.lock`. The kernel drops it when the holding process ends in any way,
-SIGKILL included, so a crashed run never leaves a stale lock behind; the file itself stays (deleting it would
-let a third process lock a fresh file while a second still waits on the old one). The file records who holds
-the lock (pid, command, torchrun job), so a refused run can name it.
+SIGKILL included, so a crashed run never leaves a stale lock behind. The file records who holds the lock (pid,
+command, torchrun job), so a refused run can name it.
+
+A run that fails before it wrote anything (a model or benchmark that does not exist) removes its lock file, and
+the folders it created for it, so it leaves no empty output folder behind. A process that opened the lock file
+just before it was removed would then hold a lock on a file no longer in the folder: so a lock counts only when
+the path still names the locked file, and is otherwise taken again.
 
 torchrun: the ranks of one job share the folder by design. Rank 0 takes the lock for the whole job and records
 the job's identity (its rendezvous id and master address); every other rank waits until the lock is held under
@@ -63,35 +67,80 @@ def _try_lock(fd: int) -> bool:
         raise
 
 
+def _open(folder: Path, path: Path) -> int:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise VopdError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (a failed run removes its lock file as it gives up)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _missing(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        out.append(p)
+    return out
+
+
+def _remove_if_unused(path: Path, created: list[Path]) -> None:
+    """After a failed run: the lock file and the folders this run created, if the run wrote nothing else."""
+    try:
+        if [p.name for p in path.parent.iterdir()] != [LOCK_NAME]:
+            return
+        path.unlink()
+        for folder in created:
+            folder.rmdir()
+    except OSError:  # something else appeared there meanwhile: leave it
+        pass
+
+
 @contextmanager
 def output_lock(folder: str | Path, *, env: Mapping[str, str] = os.environ,
                 rank_wait_s: float = RANK_WAIT_S) -> Iterator[Path]:
-    """Hold `folder` for this run (creating it); raise VopdError naming the holder if another run has it."""
+    """Hold `folder` for this run (creating it); raise VopdError naming the holder if another run has it.
+    A run that fails with nothing written leaves no folder behind (module docstring)."""
     folder = Path(folder)
     path = folder / LOCK_NAME
     job = torchrun_job(env)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise VopdError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+    created = _missing(folder)
+    fd = _open(folder, path)
     try:
         if job is not None and job[0] != 0:
             _join_job(fd, folder, job[1], rank_wait_s)
             yield path  # rank 0 holds the lock for the job; this rank only checked that it is its own job's
             return
-        # A waiting torchrun rank probes the lock for a moment now and then: retry briefly before refusing.
-        for _ in range(5):
-            if _try_lock(fd):
+        while True:
+            # A waiting torchrun rank probes the lock for a moment now and then: retry briefly before refusing.
+            for _ in range(5):
+                if _try_lock(fd):
+                    break
+                time.sleep(0.05)
+            else:
+                raise _busy(folder, _holder(fd))
+            if _still_there(fd, path):
                 break
-            time.sleep(0.05)
-        else:
-            raise _busy(folder, _holder(fd))
+            os.close(fd)  # its holder removed it as it failed: lock the folder afresh
+            fd = _open(folder, path)
         me = {"pid": os.getpid(), "command": " ".join(sys.argv), "job": job[1] if job else None,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        yield path
+        try:
+            yield path
+        except BaseException:
+            _remove_if_unused(path, created)  # still locked: nobody else is writing there
+            raise
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 

@@ -17,6 +17,7 @@ import html
 import io
 import json
 import math
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,12 +192,16 @@ CSS = """
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
        background: #f6f7f9; }
-main { max-width: 1200px; margin: 0 auto; padding: 24px 28px 60px; background: #fff; }
+main { max-width: 1400px; margin: 0 auto; padding: 24px 28px 60px; background: #fff; }
 h1 { font-size: 24px; margin: 0 0 6px; } h2 { font-size: 19px; margin-top: 34px; border-bottom: 1px solid var(--line);
 padding-bottom: 4px; } h3 { font-size: 15px; margin-top: 22px; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13px; display: block; overflow-x: auto; }
-th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #f0f2f5; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid var(--line); padding: 4px 7px; text-align: right; white-space: nowrap; }
+th { background: #f0f2f5; white-space: normal; vertical-align: bottom; min-width: 3.5em; }
+td:first-child, th:first-child { text-align: left; } td:first-child { white-space: normal; overflow-wrap: anywhere; }
+td .ci { color: var(--mute); font-size: 12px; }
+blockquote { margin: 10px 0 16px; padding: 8px 14px; border-left: 4px solid var(--box); background: #fcf0f0; }
+blockquote p { margin: 0; }
 code, pre { font: 12px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; }
 pre { background: #f6f7f9; padding: 10px; overflow-x: auto; }
 .figures { display: flex; flex-wrap: wrap; gap: 16px; }
@@ -228,11 +233,17 @@ def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+# A table cell "value [low, high]" (and a suffix such as " (n=50)"): the interval goes under its value, so that the
+# results table fits a 1,300 px window with every column showing (a value and its interval on one line did not).
+_CI_CELL = re.compile(r"<td>([^<\[]+?) (\[[^\]<]+\])([^<]*)</td>")
+
+
 def _markdown_html(text: str) -> str:
     from markdown_it import MarkdownIt
 
     # Raw HTML in the markdown is escaped, not passed through: error reasons may contain angle brackets.
-    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    page = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return _CI_CELL.sub(r'<td>\1<br><span class="ci">\2\3</span></td>', page)
 
 
 def _figures_html(summary: pd.DataFrame, figures: Mapping[str, Path] | None = None) -> str:
@@ -293,7 +304,7 @@ def _case_html(case: GalleryCase, cfg: ViewConfig, lookup: SampleLookup | None) 
     return (f'<article class="case" id="case-{_esc(case.benchmark)}-{_esc(case.sample_id)}">'
             f"<h3>{_esc(case.sample_id)} <small>{_esc(' · '.join(meta))}</small></h3>{pics}"
             f'<p class="q">{_esc(case.question)}</p>{opts}'
-            '<table class="answers"><tr><th>view</th><th>answer</th><th></th><th>response</th></tr>'
+            '<table class="answers"><tr><th>view</th><th>answer</th><th>verdict</th><th>response</th></tr>'
             f"{rows}</table></article>")
 
 

@@ -1,7 +1,8 @@
 """Leaderboards: one row per gap-report run, read from each report folder's summary.csv and run.json.
 
 Columns (all fractions, like summary.csv):
-- `model`, `source` (`measured` or `published`), `source_ref`, `note`, `run` (the report folder);
+- `label` (what tables and the chart call the row: the run's folder name, or `--label`; a published row's model),
+  `model`, `source` (`measured` or `published`), `source_ref`, `note`, `run` (the report folder);
 - per benchmark `b` and view `v`: `b:v` (accuracy, category `all`) and `b:v:ci` (half the 95% interval width);
 - `b:gap`, `b:gap_locate`, `b:gap_zoom` with their `:ci`; `b:n` (samples) and `b:n_paired` (samples behind
   the gaps);
@@ -28,7 +29,7 @@ from vopd_bench.analysis import ALL, CANONICAL_VIEWS
 from vopd_bench.errors import VopdError, writing_to
 from vopd_bench.published import AVERAGES, PAPER_BENCHMARKS, printed, published_rows
 
-ID_COLUMNS = ["model", "source", "source_ref", "note", "run"]
+ID_COLUMNS = ["label", "model", "source", "source_ref", "note", "run"]
 GAPS = ("gap", "gap_locate", "gap_zoom")
 MEASURED, PUBLISHED = "measured", "published"
 # The benchmark name under which summary.csv stores each headline average (vopd_bench.benchmarks.metrics).
@@ -90,6 +91,25 @@ def load_run(report_dir: str | Path) -> RunSummary:
     return RunSummary(report_dir, model, summary, info)
 
 
+# The gap-report folders `vopd distill` writes in its --out: named for their place, so their parent names the run.
+DISTILL_RUNS = ("before", "after")
+
+
+def run_labels(report_dirs: Sequence[str | Path]) -> list[str]:
+    """A name per run for tables and charts: its folder's name (with its parent for distill's `before`/`after`:
+    `toy-distill/after`), with as many parent folders as it takes to tell runs apart (`a/toy`, `b/toy`); the same
+    folder given twice keeps one name."""
+    parts = [Path(d).resolve().parts for d in report_dirs]
+    depth = {p: 2 if p[-1] in DISTILL_RUNS and len(p) > 1 else 1 for p in parts}
+    while True:
+        names = {p: "/".join(p[-depth[p]:]) for p in parts}
+        clash = [p for p in depth if sum(names[q] == names[p] for q in depth) > 1 and depth[p] < len(p)]
+        if not clash:
+            return [names[p] for p in parts]
+        for p in clash:
+            depth[p] += 1
+
+
 def _half_width(lo: float, hi: float) -> float:
     return (hi - lo) / 2 if math.isfinite(lo) and math.isfinite(hi) else math.nan
 
@@ -100,11 +120,12 @@ def run_benchmarks(summary: pd.DataFrame) -> list[str]:
                               "benchmark"].unique())
 
 
-def measured_row(run: RunSummary) -> dict:
-    """The leaderboard row of one run; values taken from its summary as they are."""
+def measured_row(run: RunSummary, label: str | None = None) -> dict:
+    """The leaderboard row of one run (named `label`, else its folder); values taken from its summary as they are."""
     s = run.summary[run.summary["category"] == ALL]
     by = {(r.benchmark, r.metric): r for r in s.itertuples(index=False)}
-    row: dict = {"model": run.model, "source": MEASURED, "source_ref": "", "note": "", "run": str(run.path)}
+    row: dict = {"label": label or run.path.resolve().name, "model": run.model, "source": MEASURED,
+                 "source_ref": "", "note": "", "run": str(run.path)}
     for b in run_benchmarks(run.summary):
         for v in CANONICAL_VIEWS:
             r = by.get((b, f"acc_{v}"))
@@ -173,13 +194,16 @@ def _column_order(columns: Sequence[str], benches: Sequence[str]) -> list[str]:
     return [c for c in order if c in present]
 
 
-def build_leaderboard(runs: Sequence[RunSummary], *, with_published: bool = False) -> pd.DataFrame:
-    """One row per run (measured), then, if asked, the paper's rows (published)."""
-    rows = [measured_row(r) for r in runs]
+def build_leaderboard(runs: Sequence[RunSummary], *, with_published: bool = False,
+                      labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run (measured), named by `labels` (default: `run_labels` of their folders), then, if asked, the
+    paper's rows (published, named by their model)."""
+    labels = list(labels) if labels is not None else run_labels([r.path for r in runs])
+    rows = [measured_row(r, label) for r, label in zip(runs, labels, strict=True)]
     measured_benches = sorted({b for r in runs for b in run_benchmarks(r.summary)})
     benches = list(measured_benches)
     if with_published:
-        pub = published_rows()
+        pub = [{"label": p["model"], **p} for p in published_rows()]
         rows += pub
         in_pub = {sc[0] for p in pub for k in p if (sc := split_column(k)) is not None}
         benches += [b for b in PAPER_BENCHMARKS if b in in_pub and b not in benches]
@@ -215,12 +239,13 @@ def _published_cell(r: pd.Series, col: str, signed: bool) -> str:
     return f"+{v}" if signed and not v.startswith("-") else v
 
 
-def _md_table(rows: pd.DataFrame, columns: list[tuple[str, str]], signed: bool, cell) -> list[str]:
-    """`columns`: (header, leaderboard column); `cell(row, column, signed)` formats one value."""
-    header = ["model", *(h for h, _ in columns)]
+def _md_table(rows: pd.DataFrame, columns: list[tuple[str, str]], signed: bool, cell, first: str) -> list[str]:
+    """`columns`: (header, leaderboard column); `cell(row, column, signed)` formats one value; `first` heads the
+    column of row labels."""
+    header = [first, *(h for h, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, r in rows.iterrows():
-        cells = [str(r["model"]).replace("|", "\\|"), *(cell(r, col, signed) for _, col in columns)]
+        cells = [_md_escape(r["label"]), *(cell(r, col, signed) for _, col in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -231,7 +256,11 @@ _GAP_TITLES = (("gap", "Gap, crop − full (pp)"), ("gap_locate", "Where to look
                ("gap_zoom", "How closely, crop − box (pp)"))
 
 
-def _section(part: pd.DataFrame, cell) -> list[str]:
+def _md_escape(x: object) -> str:
+    return str(x).replace("|", "\\|")
+
+
+def _section(part: pd.DataFrame, cell, first: str = "run") -> list[str]:
     """The accuracy and gap tables of one group of rows, leaving out tables (and rows) with no value."""
     part = part.dropna(axis=1, how="all")
     benches = benchmarks_of(part)
@@ -241,7 +270,7 @@ def _section(part: pd.DataFrame, cell) -> list[str]:
         cols += [(f"Avg {n[-2:]}", f"{n}:{key}") for n in AVERAGES if f"{n}:{key}" in part]
         if cols:
             rows = part[part[[c for _, c in cols]].notna().any(axis=1)]
-            out += [f"### {title}", "", *_md_table(rows, cols, key.startswith("gap"), cell), ""]
+            out += [f"### {title}", "", *_md_table(rows, cols, key.startswith("gap"), cell, first), ""]
     return out
 
 
@@ -256,10 +285,14 @@ def _samples_table(part: pd.DataFrame) -> list[str]:
         paired = r.get(f"{b}:n_paired")
         return f"{int(r[f'{b}:n'])}" + ("" if paired is None or pd.isna(paired) else f" ({int(paired)} paired)")
 
-    out = ["### Samples", "", "| model | " + " | ".join(benches) + " |",
+    out = ["### Samples", "", "| run | " + " | ".join(benches) + " |",
            "|" + "|".join("---" for _ in range(len(benches) + 1)) + "|"]
-    out += [f"| {r['model']} | " + " | ".join(cell(r, b) for b in benches) + " |" for _, r in part.iterrows()]
-    out += ["", *(f"- `{r['model']}`: {r['run']}" for _, r in part.iterrows()), ""]
+    out += [f"| {_md_escape(r['label'])} | " + " | ".join(cell(r, b) for b in benches) + " |"
+            for _, r in part.iterrows()]
+    out += ["### Runs", "", "| run | model | folder |", "|---|---|---|"]
+    out += [f"| {_md_escape(r['label'])} | {_md_escape(r['model'])} | {_md_escape(r['run'])} |"
+            for _, r in part.iterrows()]
+    out += [""]
     return out
 
 
@@ -276,7 +309,8 @@ def render_markdown(df: pd.DataFrame) -> str:
     published = df[df["source"] == PUBLISHED]
     for ref, part in published.groupby("source_ref", sort=False):
         out += [f"## Published: {ref}", "",
-                "The paper's own numbers as printed, not measured by vopd.", "", *_section(part, _published_cell)]
+                "The paper's own numbers as printed, not measured by vopd.", "",
+                *_section(part, _published_cell, first="model")]
         notes: dict[str, list[str]] = {}
         for _, r in part[part["note"] != ""].iterrows():
             notes.setdefault(r["note"], []).append(str(r["model"]).split(" (paper")[0])
@@ -301,12 +335,17 @@ def write_leaderboard(df: pd.DataFrame, out_csv: str | Path) -> dict[str, Path]:
     return written
 
 
-def leaderboard(report_dirs: Sequence[str | Path], out_csv: str | Path, *,
-                with_published: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Read the report folders, build the leaderboard and write its files."""
+def leaderboard(report_dirs: Sequence[str | Path], out_csv: str | Path, *, with_published: bool = False,
+                labels: Sequence[str] = ()) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Read the report folders, build the leaderboard and write its files. `labels` name the runs, one per folder
+    in order (default: the folders' names)."""
     if not report_dirs:
         raise VopdError("give at least one gap-report folder")
+    if labels and len(labels) != len(report_dirs):
+        raise VopdError(f"{len(labels)} --label for {len(report_dirs)} folders: give one per folder, in order")
+    if labels and len(set(labels)) != len(labels):
+        raise VopdError(f"two runs share a --label: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
     runs = [load_run(d) for d in report_dirs]
-    df = build_leaderboard(runs, with_published=with_published)
+    df = build_leaderboard(runs, with_published=with_published, labels=list(labels) or None)
     with writing_to(Path(out_csv).parent, resumes=False):
         return df, write_leaderboard(df, out_csv)

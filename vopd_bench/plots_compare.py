@@ -8,6 +8,7 @@ wrote, or None when there is nothing to draw.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def _style(ax) -> None:
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+
+
+def _wrap(text: str, width: int) -> str:
+    """A label or title broken into lines of at most `width` characters (a long run name must not run off the
+    canvas)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)) or text
 
 
 def _finite(x: object) -> bool:
@@ -78,10 +85,16 @@ def plot_leaderboard(df: pd.DataFrame, path: str | Path, benchmarks: Sequence[st
         return None
     cells = [f"{b}:{k}" for b in benches for k in ("full", "gap")]
     rows = pd.concat([measured, _chart_published(df[df["source"] == "published"], cells, published_models)])
+    def who(r: pd.Series) -> tuple[str, str | None]:
+        """(what the bar is called, the paper table or None): a measured run by its label, a published row by its
+        model, so that one model's tables share a colour and two runs of one model do not."""
+        if r["source"] == "measured":
+            return str(r["label"]), None
+        return _split_label(str(r["model"]))
+
     colours: dict[str, str] = {}
-    for label in rows["model"]:
-        model = _split_label(str(label))[0]
-        colours.setdefault(model, BENCH_COLORS[len(colours) % len(BENCH_COLORS)])
+    for _, r in rows.iterrows():
+        colours.setdefault(who(r)[0], BENCH_COLORS[len(colours) % len(BENCH_COLORS)])
     panels = [(k, title) for k, title in (("full", "accuracy, full image (%)"), ("gap", "gap, crop − full (pp)"))
               if any(f"{b}:{k}" in rows and rows[f"{b}:{k}"].notna().any() for b in benches)]
 
@@ -99,14 +112,14 @@ def plot_leaderboard(df: pd.DataFrame, path: str | Path, benchmarks: Sequence[st
         for i, r in enumerate(drawn):
             vals = np.array([r.get(f"{b}:{key}", np.nan) for b in benches], dtype=float) * 100
             have = np.isfinite(vals)
-            model, table = _split_label(str(r["model"]))
-            style: dict = {"color": colours[model]}
+            name, table = who(r)
+            style: dict = {"color": colours[name]}
             if table is None:  # measured: solid, with its 95% interval
                 errs = np.array([r.get(f"{b}:{key}:ci", np.nan) for b in benches], dtype=float)[have] * 100
                 style |= {"yerr": np.nan_to_num(errs), "capsize": 2, "error_kw": {"elinewidth": 1, "alpha": 0.8}}
             else:  # published: hatched and lighter, no interval (the paper gives none)
                 style |= {"alpha": 0.6, "hatch": _TABLE_HATCH.get(table, "//"), "edgecolor": "white"}
-            label = str(r["model"]) + (" (measured)" if table is None else "")
+            label = name if table is None else str(r["model"])
             xs = x[have] + (i - (len(drawn) - 1) / 2) * width
             bars = ax.bar(xs, vals[have], width * 0.92, label=label, **style)
             handles.setdefault(label, bars)
@@ -118,9 +131,12 @@ def plot_leaderboard(df: pd.DataFrame, path: str | Path, benchmarks: Sequence[st
             ax.axhline(0, color="black", linewidth=0.8)
         else:
             ax.set_ylim(0, 105)
-    fig.suptitle("Leaderboard (error bars: 95% CI; hatched: the paper's published numbers, not measured)",
-                 fontsize=10)
-    fig.legend(list(handles.values()), list(handles), fontsize=7, frameon=False, loc="outside right upper")
+    width_in = fig.get_figwidth()
+    fig.suptitle(_wrap("Leaderboard (error bars: 95% CI; hatched: the paper's published numbers, not measured)",
+                       int(width_in * 11)), fontsize=10)
+    # Below the panels, where no title is: a legend at the top right ran into the title.
+    fig.legend(list(handles.values()), [_wrap(h, 36) for h in handles], fontsize=7, frameon=False,
+               loc="outside lower center", ncols=max(1, min(len(handles), int(width_in // 2.6))))
     path = Path(path)
     fig.savefig(path)
     return path
@@ -156,14 +172,17 @@ def plot_before_after(cmp: pd.DataFrame, path: str | Path, label_a: str = "befor
                        hatch="//" if col == "a" else None, edgecolor="white" if col == "a" else None)
         top.bar_label(bars, labels=[f"{v * 100:.1f}" for v in rows[col]], fontsize=6, padding=2)
     # Legend patches for the two runs (colour encodes the quantity, hatch the run).
-    top.bar([np.nan], [np.nan], color="#999999", alpha=0.5, hatch="//", edgecolor="white", label=f"A: {label_a}")
-    top.bar([np.nan], [np.nan], color="#999999", label=f"B: {label_b}")
+    width_in = fig.get_figwidth()
+    names = [_wrap(f"A: {label_a}", int(width_in * 6)), _wrap(f"B: {label_b}", int(width_in * 6))]
+    patches = [top.bar([np.nan], [np.nan], color="#999999", alpha=0.5, hatch="//", edgecolor="white"),
+               top.bar([np.nan], [np.nan], color="#999999")]
     for ax in (top, bottom):  # separate the benchmarks
         for xb in np.flatnonzero(rows["benchmark"].to_numpy()[1:] != rows["benchmark"].to_numpy()[:-1]):
             ax.axvline(xb + 0.5, color="#999999", linewidth=0.8, linestyle="--")
     top.set_ylabel("accuracy % / gap pp")
-    top.set_title(f"Before / after: {label_a} → {label_b} (shared samples)")
-    top.legend(fontsize=8, frameon=False, loc="best")
+    # The run names go in the legend, below the panels, where a long name wraps instead of running off the canvas.
+    fig.suptitle("Before / after, B − A on the samples both runs share", fontsize=10)
+    fig.legend(patches, names, fontsize=8, frameon=False, loc="outside lower center", ncols=2)
 
     diff = rows["diff"].to_numpy() * 100
     lo = (rows["diff"] - rows["ci_low"]).clip(lower=0).fillna(0).to_numpy() * 100

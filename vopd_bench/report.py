@@ -21,6 +21,7 @@ from vopd_bench import analysis, plots
 from vopd_bench.analysis import ALL, AREA_LABELS, AREA_PREFIX, CANONICAL_VIEWS, TRANSITION_METRICS
 
 DASH = "–"
+PARSE_FAIL_WARN = 0.10  # a view whose answers fail to parse more often than this gets a warning under the results
 FIGURES = {"accuracy.png": "Accuracy per view", "gap.png": "Gap and its parts",
            "gap_by_area.png": "Gap vs evidence size", "focus.png": "Attention share on the evidence vs correctness"}
 _CORE = re.compile(
@@ -162,6 +163,7 @@ def render_report(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
                            if _finite(look.value(bench, ALL, f"n_errors_{v}"))))]
             for bench in benches))
         out.append("")
+        out += _parse_fail_warning(look, benches)
 
     out += _category_section(summary, look, benches)
     out += _transition_section(look, benches)
@@ -175,6 +177,23 @@ def render_report(summary: pd.DataFrame, records: Sequence[Any], run_info: dict,
         out += [f"![{FIGURES.get(name, name)}]({name})" for name in figures]
         out.append("")
     return "\n".join(out)
+
+
+def _parse_fail_warning(look: _Lookup, benches: list[str]) -> list[str]:
+    """A warning right under the results when a view's answers often could not be parsed: each such answer counts
+    as wrong, so the view's accuracy and every gap that uses it measure the answer format as much as the seeing."""
+    high = []
+    for b in benches:
+        rates = [(v, look.value(b, ALL, f"parse_fail_{v}")) for v in CANONICAL_VIEWS]
+        shown = [f"{v} {r * 100:.0f}%" for v, r in rates if _finite(r) and r > PARSE_FAIL_WARN]
+        if shown:
+            high.append(f"{b} ({', '.join(shown)})")
+    if not high:
+        return []
+    return [f"> **Warning: many answers could not be parsed** in {'; '.join(high)}. Each counts as wrong, so these "
+            "accuracies and the gaps built on them partly measure the answer format. Check the responses in "
+            "samples.jsonl; a longer `--max-new-tokens`, `--no-thinking` or an LLM judge (`--judge-base-url`) "
+            "may help.", ""]
 
 
 def _category_section(summary: pd.DataFrame, look: _Lookup, benches: list[str]) -> list[str]:

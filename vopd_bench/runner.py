@@ -64,7 +64,8 @@ class GapReportConfig:
     selfcrop_window: int | None = None  # paper method: base window side in source pixels; None = the family's
 
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("reports") / model_slug(self.model)
+        """--out, or runs/<model-slug>/: a folder git ignores, apart from the committed examples in reports/."""
+        return Path(self.out) if self.out else Path("runs") / model_slug(self.model)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from vopd_bench.cli_help import VopdCommand
 from vopd_train.config import TOY_FAILURES_PRESET, TOY_PRESET, DistillConfig, resolve
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
@@ -140,7 +141,7 @@ class _Display:
 
     def update(self, s: Any) -> None:
         metrics = (f"div {s.divergence:.4f}  agree {s.agree:.2f}  ent {s.entropy:.2f}  len {s.resp_len:.1f}  "
-                   f"|g| {s.grad_norm:.2f}  lr {s.lr:.1e}  {s.t_step:.2f}s/step")
+                   f"|g| {s.grad_norm:.3g}  lr {s.lr:.1e}  {s.t_step:.2f}s/step")
         if self.bar is not None:
             self.bar.update(self.task, completed=s.step, metrics=metrics)
         elif s.step % self.cfg.log_every == 0 or s.step == self.total:
@@ -162,21 +163,62 @@ def _eval_text(m: dict) -> str:
             f"mean {100 * m['mean_full_crop']:.1f}  (n={m['n']})")
 
 
+# The help panels of `vopd distill --help`, in order, and the options in each. A field that none names takes its
+# panel from its name's prefix (PANEL_PREFIXES); tests/test_cli_help.py fails for a field that has neither.
+PANELS: dict[str, tuple[str, ...]] = {
+    "Data": ("data", "data_limit", "data_dir", "student_view", "crop_context", "crop_min_side", "crop_zoom",
+             "replay"),
+    "Model": ("dtype", "trust_remote_code"),  # and lora_* by prefix
+    "Rollouts": ("n_rollouts", "temperature", "max_new_tokens", "rollout_engine"),
+    "Loss": ("alpha", "topk", "add_tail", "objective", "reduction", "updates_per_batch", "importance_weight",
+             "is_clip", "crop_anchor"),
+    "Teacher": ("teacher", "teacher_rate"),
+    "Optimiser": ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed"),
+    "Evaluation": ("keep_best", "keep_last", "focus"),  # and eval_*, remeasure* by prefix
+    "Scale": ("device", "threads", "micro_batch_size", "loss_chunk_size", "gradient_checkpointing",
+              "prefix_sharing"),
+    "vLLM": (),  # vllm_* by prefix
+    "Output": ("out", "save_every", "restart", "quiet", "log_every"),
+}
+PANEL_PREFIXES = (("vllm_", "vLLM"), ("eval_", "Evaluation"), ("remeasure", "Evaluation"), ("lora", "Model"))
+UNSORTED_PANEL = "Other options"  # only for a field added without a panel; the test names it
+
+
+def panel_of(name: str) -> str:
+    for panel, names in PANELS.items():
+        if name in names:
+            return panel
+    return next((panel for prefix, panel in PANEL_PREFIXES if name.startswith(prefix)), UNSORTED_PANEL)
+
+
+def default_text(value: Any, flag: str | None = None) -> str:
+    """A field's default as `--help` shows it: `none` for None or "", the flag's own name for a switch (as Typer
+    shows its switches: `lora` or `no-lora`)."""
+    if flag is not None:
+        return flag if value else f"no-{flag}"
+    return "none" if value in (None, "") else str(value)
+
+
 def _option_params() -> list[inspect.Parameter]:
-    """One typer option per config field; every default is None, meaning "not given on the command line"."""
+    """One typer option per config field, in the order of PANELS; every default is None, meaning "not given on
+    the command line" (the toy preset and a YAML file come in between), so the help text shows the default."""
     hints = typing.get_type_hints(DistillConfig)
+    fields = DistillConfig.option_fields()
+    order = [*PANELS, *(p for _, p in PANEL_PREFIXES), UNSORTED_PANEL]
+    fields.sort(key=lambda f: order.index(panel_of(f.name)))  # stable: the dataclass order within a panel
     params = []
-    for f in DistillConfig.option_fields():
+    for f in fields:
         flag = f.name.replace("_", "-")
         typ = hints[f.name]
         base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
-        default = "none" if f.default in (None, "") else f.default
-        suffix = "(required)" if f.name in ("data", "out") else f"(default: {default})"
-        if base is bool:
-            opt = typer.Option(None, f"--{flag}/--no-{flag}", help=f"{f.metadata['help']} {suffix}",
-                               show_default=False)
-        else:
-            opt = typer.Option(None, f"--{flag}", help=f"{f.metadata['help']} {suffix}", show_default=False)
+        switch = base is bool
+        suffix = "[required]" if f.name in ("data", "out") else \
+            f"[default: {default_text(f.default, flag if switch else None)}]"
+        decls = [f"--{flag}/--no-{flag}" if switch else f"--{flag}"]
+        if f.name == "quiet":
+            decls.append("-q")
+        opt = typer.Option(None, *decls, help=f"{f.metadata['help']} {suffix}", show_default=False,
+                           rich_help_panel=panel_of(f.name))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                         annotation=typing.Optional[base]))  # noqa: UP045 - typer needs Optional
     return params
@@ -201,4 +243,4 @@ _HELP = HELP.format(toy=", ".join(f"{k} {v}" for k, v in TOY_PRESET.items())
                     + "; on a gap-report failures.jsonl also "
                     + ", ".join(f"{k} {v}" for k, v in TOY_FAILURES_PRESET.items()))
 distill_command.__doc__ = _HELP
-app.command("distill", help=_HELP)(distill_command)
+app.command("distill", help=_HELP, cls=VopdCommand)(distill_command)

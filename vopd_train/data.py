@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from vopd_bench import views
-from vopd_bench.benchmarks.spec import BenchmarkSpec
+from vopd_bench.benchmarks.spec import BenchmarkSpec, LoadContext
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.geometry import parse_boxes
 from vopd_bench.images import load_image
@@ -170,10 +170,14 @@ def _failures(path: Path, student_view: str, view_config: ViewConfig, limit: int
                     raise SampleError("record has no question")
             else:
                 seed = int((row.get("meta") or {}).get("seed", 0) or 0)
-                if (bench, seed) not in loaded:
-                    lb = benchmarks.load(bench, seed=seed, data_dir=data_dir)
-                    loaded[(bench, seed)] = {s.id: s for s in lb.samples}
-                found = loaded[(bench, seed)].get(sid)
+                if specs[bench].find is not None:  # rebuilt alone (a procedural benchmark)
+                    found = specs[bench].find(sid, LoadContext(arg=bench.partition(":")[2] or None,
+                                                               data_dir=data_dir, seed=seed))
+                else:
+                    if (bench, seed) not in loaded:
+                        lb = benchmarks.load(bench, seed=seed, data_dir=data_dir)
+                        loaded[(bench, seed)] = {s.id: s for s in lb.samples}
+                    found = loaded[(bench, seed)].get(sid)
                 if found is None:
                     raise SampleError(f"sample {sid!r} not found in benchmark {bench!r}")
                 if isinstance(found, BadSample):

@@ -35,16 +35,16 @@ def plan_params() -> list[inspect.Parameter]:
         opt("gpus", typing.Optional[int], typer.Option(None, "--gpus", help="--plan: GPUs of the run "  # noqa: UP045
                                                        "(torchrun ranks, one per GPU). [default: 1]")),
         opt("gpu_memory", typing.Optional[float], typer.Option(None, "--gpu-memory", help="--plan: memory of one "  # noqa: UP045
-                                                               "GPU in GiB (an 80 GB H100 reports 79.6). Required.")),
+                                                               "GPU in GiB (an 80 GB H100 reports 79.6). [default: none; required with --plan]")),
         opt("model_config", typing.Optional[Path], typer.Option(None, "--model-config", help="--plan: the model's "  # noqa: UP045
                                                                 "config.json (or a folder with one) when MODEL is a hub "
-                                                                "id that is not downloaded.")),
+                                                                "id that is not downloaded. [default: MODEL's own]")),
         opt("prompt_tokens", typing.Optional[int], typer.Option(None, "--prompt-tokens", help="--plan: tokens of "  # noqa: UP045
                                                                 "the longest prompt, its image included. [default: 1200]")),
         opt("image_tokens", typing.Optional[int], typer.Option(None, "--image-tokens", help="--plan: the image's "  # noqa: UP045
                                                                "tokens in that prompt. [default: 1024]")),
         opt("config", typing.Optional[Path], typer.Option(None, "--config", help="--plan: YAML file of distill "  # noqa: UP045
-                                                          "options, as for `vopd distill --config`.")),
+                                                          "options, as for `vopd distill --config`. [default: none]")),
     ]
     distill = [p for p in _option_params() if p.name not in SHARED_WITH_CHECK + NOT_MEMORY]
     return own + distill

@@ -56,6 +56,10 @@ from vopd_train.sampling import prompt_seed
 from vopd_train.teachers import Teacher, make_teacher
 
 LOG_FILE = "train_log.jsonl"
+# During a run, train_curves.png is redrawn after an evaluation at most this often (a redraw costs about half a
+# second of CPU; a short run, e.g. in the tests, would spend more time drawing than training). It is always drawn
+# when train() ends.
+PLOT_EVERY_S = 60.0
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Distiller:
         from vopd_bench.modeling import load_model, pick_device_dtype
 
         self.cfg = cfg.validate()
+        self._plotted_at = time.perf_counter()  # the curves are first drawn PLOT_EVERY_S in, or at the end
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one rank per device, the global batch split over ranks, FSDP2 over the model.
@@ -337,10 +342,12 @@ class Distiller:
         log.flush()
         if self.on_eval is not None:
             self.on_eval(row)
-        self._plot(*split_log(read_log(self.out / LOG_FILE)))  # watchable while the run goes on
+        if time.perf_counter() - self._plotted_at >= PLOT_EVERY_S:  # watchable while the run goes on
+            self._plot(*split_log(read_log(self.out / LOG_FILE)))
         return row
 
     def _plot(self, history: list[dict], evals: list[dict]) -> None:
+        self._plotted_at = time.perf_counter()
         if history or evals:
             from vopd_train.plots import plot_curves
 

@@ -105,4 +105,5 @@ def local_spec(arg: str | None) -> BenchmarkSpec:
                 row = {**row, "image": str(path.parent / img)}
             yield row
 
-    return BenchmarkSpec(name=f"local:{path.stem}", source=str(path), load_rows=rows)
+    return BenchmarkSpec(name=f"local:{path.stem}", source=str(path), load_rows=rows,
+                         evidence="boxes where a row has a bbox")

@@ -55,6 +55,13 @@ class BenchmarkSpec:
     # Raw columns copied into each record's `meta`, for benchmark metrics (e.g. cycle_category, difficulty).
     meta_fields: tuple[str, ...] = ()
     to_sample: Callable[[Mapping[str, Any], BenchmarkSpec, int], Sample] | None = None
+    # What marks the evidence, as `vopd benchmarks` lists it: "" when nothing does (full view only: the crop and
+    # box views and the gaps need evidence), else how it comes (e.g. "boxes", "crop images; boxes recovered").
+    evidence: str = ""
+    # One sample by its id without loading the rest, for a benchmark that can (a procedural one rebuilds it):
+    # (sample id, LoadContext) -> the Sample, or None when the benchmark has no such sample. Used to rebuild the
+    # records of failures.jsonl; without it the whole benchmark is loaded and searched.
+    find: Callable[[str, LoadContext], Sample | None] | None = None
 
     def render_prompt(self, question: str, options: tuple[str, ...]) -> str:
         if not options:

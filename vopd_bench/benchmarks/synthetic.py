@@ -268,12 +268,22 @@ def synthetic_spec(arg: str | None, world: SyntheticWorld = SyntheticWorld()) ->
             s = make_sample(i, split, world, ctx.seed)
             yield {"id": s.id, "sample": s}
 
+    def find(sample_id: str, ctx: LoadContext) -> Sample | None:
+        """`split-NNNNN` (`sS-split-NNNNN` under seed S): sample NNNNN, rebuilt alone."""
+        head, _, index = sample_id.rpartition("-")
+        prefix = f"s{ctx.seed}-" if ctx.seed else ""
+        if head != f"{prefix}{split}" or not index.isdigit() or int(index) >= SPLIT_SIZES[split]:
+            return None
+        return make_sample(int(index), split, world, ctx.seed)
+
     return BenchmarkSpec(
         name="synthetic" if split == "test" else f"synthetic:{split}",
         source=f"procedural ({world.style} distractors, {world.canvas}px canvas)",
         load_rows=rows,
         to_sample=_row_sample,
         meta_fields=(),
+        evidence="boxes",
+        find=find,
     )
 
 

@@ -73,7 +73,7 @@ def _build(name: str, prompt: Prompt, arg: str | None) -> BenchmarkSpec:
         yield from adapted(read_tsv(path, need=("index", "image", "question", "A", "answer")), _adapt)
 
     return hub_spec(name, prompt, source=REPO.source, load_rows=rows, answer_type="mcq", box_format="xyxy",
-                    fields={"id": "index"})
+                    fields={"id": "index"}, evidence="boxes (a row may have none)")
 
 
 register_variants("treebench", PROMPTS, _build)

@@ -69,7 +69,7 @@ def _build(name: str, prompt: Prompt, arg: str | None) -> BenchmarkSpec:
         yield from adapted(read_table(root / "test_questions.jsonl"), lambda r: _adapt(root, r))
 
     return hub_spec(name, prompt, source=REPO.source, load_rows=rows, answer_type="mcq", box_format="xywh",
-                    fields={"id": "question_id", "answer": "label"})
+                    fields={"id": "question_id", "answer": "label"}, evidence="boxes")
 
 
 register_variants("vstar", PROMPTS, _build)

@@ -122,6 +122,7 @@ def _build(name: str, prompt: Prompt, arg: str | None) -> BenchmarkSpec:
         yield from adapted(parquet_rows(paths, lazy=("image", "crop_image"), nullable=("crop_image",)), _adapt)
 
     return hub_spec(name, prompt, source=REPO.source, load_rows=rows, box_format="xyxy", fields={"id": "id"},
+                    evidence="crop images; boxes given or recovered from them",
                     meta_fields=("box_source", "box_score", "box_note"))
 
 
