@@ -18,6 +18,9 @@ travel with their sequence. A family entry says only:
 - `pixel_budget`: the most pixels the family's image processor keeps of any image, read from the processor
   (the hf backend then decodes large JPEGs of full-view-only samples at a reduced size that still covers it);
   `None` = unknown, every image is decoded in full;
+- `split_vision`: how to cut the vision tensors of one batched processor call (one image per prompt) into each
+  prompt's own, exactly as a call for that prompt alone returns them; `None` = unknown, so the trainer makes
+  one processor call per prompt;
 - `note`: the family's quirk, in one line, for `vopd check` and the README.
 
 A model type that is not listed here goes through the same generic plain path (`GENERIC`).
@@ -38,6 +41,17 @@ def _qwen_image_features(base: Any, vision: Mapping[str, Tensor]) -> Any:
     """Qwen-VL towers take flat patches plus their grid and return one feature tensor per image (`pooler_output`)
     and, for Qwen3-VL, the deepstack features per layer, each again one tensor per image."""
     return base.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
+
+
+def _qwen_split_vision(vision: Mapping[str, Tensor], n: int) -> list[dict[str, Tensor]] | None:
+    """Qwen-VL processors concatenate every image's flat patches (`pixel_values`, `prod(image_grid_thw)` rows per
+    image) and keep one grid row per image; nothing is padded, so a batch splits into the per-prompt tensors
+    exactly. None for any other layout (videos, several images per prompt)."""
+    grid = vision.get("image_grid_thw")
+    if grid is None or len(grid) != n or set(vision) != {"pixel_values", "image_grid_thw"}:
+        return None
+    patches = vision["pixel_values"].split(grid.prod(-1).tolist())
+    return [{"pixel_values": patches[i], "image_grid_thw": grid[i:i + 1]} for i in range(n)]
 
 
 def _idefics3_tile_tokens(tokenizer: Any) -> set[int]:
@@ -67,6 +81,7 @@ class Family:
     vision_pad: Mapping[str, float] = field(default_factory=dict)
     extra_vision_tokens: Callable[[Any], set[int]] | None = None
     pixel_budget: Callable[[Any], int | None] | None = None
+    split_vision: Callable[[Mapping[str, Tensor], int], list[dict[str, Tensor]] | None] | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -79,6 +94,7 @@ QWEN_VL = Family(
     "the vision tower runs once per prompt (Qwen3-VL: with its deepstack features)",
     vision_once=_qwen_image_features,
     pixel_budget=_qwen_pixel_budget,
+    split_vision=_qwen_split_vision,
 )
 GEMMA = Family(
     "gemma", ("gemma3", "gemma4"),

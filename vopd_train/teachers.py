@@ -102,11 +102,24 @@ class AdapterOffTeacher(Teacher):
 
     def __init__(self, student: Any, kind: str, rate: float):
         self.kind, self.student = kind, student
+        self._head_adapted: bool | None = None
         if kind == "trust-region":
             self.trust_region_rate = rate
 
     def _model(self) -> Any:
         return self.student
+
+    def head(self, h: Tensor) -> Tensor:
+        # the loss calls this per chunk, forward and backward: switching the adapter off walks every module, so it
+        # is done only where the head itself has an adapter (it has none under `all-linear`)
+        if self._head_adapted is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer  # only LoRA runs get here, with peft loaded
+
+            self._head_adapted = any(isinstance(m, BaseTunerLayer) for m in lm_head(self.student).modules())
+        if self._head_adapted:
+            return super().head(h)
+        with torch.no_grad():
+            return head_fn(self.student)(h)
 
     def _weights(self) -> contextlib.AbstractContextManager:
         return self.student.disable_adapter()

@@ -42,6 +42,7 @@ from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count
 from vopd_train.evaluate import Validator
 from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.prefix import scored_hidden
+from vopd_train.reuse import reuse_for, reused_or_scored
 from vopd_train.rollout import (
     EncodedPrompt,
     HFRolloutEngine,
@@ -164,6 +165,7 @@ class Distiller:
         self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor, cfg.prefix_sharing)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.reuse = reuse_for(self.engine, model, self.pad_id, cfg, distributed=self.place.enabled)
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
 
         self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
@@ -406,7 +408,9 @@ class Distiller:
             students.append(r.student_image)
             teachers.append(r.teacher_image)
             texts.append(r.text)
-        return encode_prompts(self.processor, students, texts), encode_prompts(self.processor, teachers, texts)
+        # one processor call for the step's views and crops together (where the family says how to cut it apart)
+        both = encode_prompts(self.processor, students + teachers, texts + texts, model_family(self.model))
+        return both[:len(students)], both[len(students):]
 
     def train_step(self, step: int) -> StepStats:
         cfg = self.cfg
@@ -521,7 +525,7 @@ class Distiller:
 
         t = time.perf_counter()
         student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
-        student_hidden = scored_hidden(self.model, student_batch, cfg.prefix_sharing)
+        student_hidden = reused_or_scored(self.reuse, self.model, student_batch, cfg.prefix_sharing)
         out = chunked_divergence(
             student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
             alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
