@@ -19,7 +19,6 @@ import os
 import time
 from pathlib import Path
 
-T_START = time.time()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -70,9 +69,11 @@ def main() -> None:
             return out
 
     stamps: list[tuple[float, float]] = []
+    begin: list[float] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
+            begin.append(time.time())
             stamps.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, *a, **k):
@@ -92,14 +93,13 @@ def main() -> None:
     trainer = Recording(model=args.model, teacher_model=args.model, args=config, train_dataset=dataset,
                         peft_config=lora, callbacks=[Clock()])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    t_train = time.time()
     w0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     seconds, cpu = time.perf_counter() - w0, time.process_time() - c0
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:], strict=False)]
     Path(args.result).write_text(json.dumps({
         "side": "trl", "step_wall": [s[0] for s in steps], "step_cpu": [s[1] for s in steps],
-        "train_seconds": seconds, "train_cpu": cpu, "start_seconds": t_train - T_START, "started": T_START,
+        "train_seconds": seconds, "train_cpu": cpu, "train_begin": begin[0],
         "trainable": trainable, "prompt_hashes": prompt_hashes, "responses_per_step": args.batch * args.n,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "process_cpu": time.process_time(),
