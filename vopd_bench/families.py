@@ -21,6 +21,8 @@ travel with their sequence. A family entry says only:
 - `split_vision`: how to cut the vision tensors of one batched processor call (one image per prompt) into each
   prompt's own, exactly as a call for that prompt alone returns them; `None` = unknown, so the trainer makes
   one processor call per prompt;
+- `training_kernels`: changes to the loaded model that keep its arithmetic and only pick faster kernels for
+  training (`vopd distill` applies them; the weights and what is saved are untouched);
 - `note`: the family's quirk, in one line, for `vopd check` and the README.
 
 A model type that is not listed here goes through the same generic plain path (`GENERIC`).
@@ -54,6 +56,35 @@ def _qwen_split_vision(vision: Mapping[str, Tensor], n: int) -> list[dict[str, T
     return [{"pixel_values": patches[i], "image_grid_thw": grid[i:i + 1]} for i in range(n)]
 
 
+_MATMUL_PATCH_EMBEDS: dict[type, type] = {}
+
+
+def _qwen_patch_embed_as_matmul(model: Any) -> None:
+    """Qwen-VL towers embed each patch with a Conv3d whose kernel equals its stride and its input: one dot product
+    per output channel, i.e. a matmul of the flat patches with the flattened kernel, which PyTorch's CPU conv3d
+    runs 2-3x slower than `linear` does. Each such module's class is swapped for a subclass whose forward is that
+    matmul (a class, not a closure, so a deep copy of the model, e.g. a frozen teacher, reads its own weights)."""
+    import torch
+
+    for module in model.modules():
+        conv = getattr(module, "proj", None)
+        if (type(module).__name__.endswith("PatchEmbed") and isinstance(conv, torch.nn.Conv3d)
+                and tuple(conv.kernel_size) == tuple(conv.stride) and not any(conv.padding)
+                and conv.groups == 1 and type(module) not in _MATMUL_PATCH_EMBEDS.values()):
+            cls = type(module)
+            if cls not in _MATMUL_PATCH_EMBEDS:
+                _MATMUL_PATCH_EMBEDS[cls] = type(cls.__name__, (cls,), {"forward": _patch_embed_matmul})
+            module.__class__ = _MATMUL_PATCH_EMBEDS[cls]
+
+
+def _patch_embed_matmul(self: Any, hidden_states: Tensor) -> Tensor:
+    import torch
+
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return torch.nn.functional.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
 def _idefics3_tile_tokens(tokenizer: Any) -> set[int]:
     """Idefics3 names each image split by its grid cell (`<row_1_col_2>`): added tokens that appear in a prompt
     only when an image is large enough to be split, so encoding one small image does not reveal them."""
@@ -82,6 +113,7 @@ class Family:
     extra_vision_tokens: Callable[[Any], set[int]] | None = None
     pixel_budget: Callable[[Any], int | None] | None = None
     split_vision: Callable[[Mapping[str, Tensor], int], list[dict[str, Tensor]] | None] | None = None
+    training_kernels: Callable[[Any], None] | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -95,6 +127,7 @@ QWEN_VL = Family(
     vision_once=_qwen_image_features,
     pixel_budget=_qwen_pixel_budget,
     split_vision=_qwen_split_vision,
+    training_kernels=_qwen_patch_embed_as_matmul,
 )
 GEMMA = Family(
     "gemma", ("gemma3", "gemma4"),

@@ -33,6 +33,7 @@ import torch
 from vopd_bench import distributed
 from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.families import family_of
 from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint, dcp_state
@@ -137,6 +138,8 @@ class Distiller:
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
                                            trust_remote_code=cfg.trust_remote_code)
         self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
+        if (kernels := family_of(model.config).training_kernels) is not None:
+            kernels(model)  # same arithmetic, faster kernels (vopd_bench.families)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
