@@ -112,7 +112,7 @@ class PrefillReuse:
         fed_mask = fed.pop("attention_mask")
         fed_mask = fed_mask * (steps < batch.lengths[:, None]).to(fed_mask.dtype)
         cache = pre.cache
-        if len(rows) != len(pre.prompt_ids) or not torch.equal(rows.cpu(), torch.arange(len(rows))):
+        if batch.seq_prompt != list(range(len(pre.prompt_ids))):
             cache.reorder_cache(rows)  # n rows per prompt: a differentiable gather, the prefix's grads add up
         mask = torch.cat([pre.tokens["attention_mask"][:, :-1][rows], fed_mask], 1)
         positions = pre.positions.amax(dim=2, keepdim=True)[:, rows] + 1 + steps
@@ -149,10 +149,11 @@ def _same_prompts(pre: StudentPrefill, batch: SeqBatch) -> bool:
     if owner != sorted(owner) or set(owner) != set(range(len(pre.prompt_ids))):
         return False
     first = {}
-    for k, p in enumerate(batch.seq_prompt):
+    for k, p in enumerate(owner):
         first.setdefault(p, k)
-    ids = batch.input_ids
-    return all(torch.equal(ids[first[p], :len(want)].cpu(), want.cpu()) for p, want in enumerate(pre.prompt_ids))
+    ids = batch.input_ids[list(first.values())].cpu()  # one transfer, however many prompts
+    return all(torch.equal(ids[p, :len(want)], want.cpu())
+               for p, want in enumerate(pre.prompt_ids))
 
 
 def _why_not_model(model: Any) -> str | None:

@@ -220,6 +220,7 @@ class HFRolloutEngine:
         options = {**generate_options(settings.prompt_seeds, settings.n, settings.temperature),
                    "max_new_tokens": settings.max_new_tokens, "bad_words_ids": self.bad_words,
                    "pad_token_id": self.pad_id}
+        inputs = None  # the prompts, each once, left padded
         reused = None  # the student's own prefill of the prompts (with gradient), where the trainer reuses it
         if self.reuse is not None:
             inputs = _to(collate_left(prompts, self.pad_id, self.family), device)
@@ -227,7 +228,7 @@ class HFRolloutEngine:
                 reused = self.reuse.prefill(prompts, inputs)
         once = None  # the prompts, each once, where their rollouts share its prefill
         if reused is None and self.prefix_sharing and settings.n > 1:
-            once = _to(collate_left(prompts, self.pad_id, self.family), device)
+            once = inputs if inputs is not None else _to(collate_left(prompts, self.pad_id, self.family), device)
             reason = why_not_prefilled_once(getattr(_config(self.model), "model_type", None), once)
             if reason is not None:
                 once = None
