@@ -64,12 +64,16 @@ def _run(model_dir, out, reuse: bool, **kw):
     return samples, [s.divergence for s in stats], grads, weights, used
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("n", [1, 3])
-def test_reused_prefill_samples_and_trains_like_the_plain_step(family, n, tiny_model_dir, tiny_family_dir,  # noqa: F811
-                                                               tmp_path):
+CASES = [(f, n, "ema") for f in FAMILIES for n in (1, 3)] + [("qwen2-vl", 1, "frozen"), ("qwen2-vl", 3, "frozen")]
+
+
+@pytest.mark.parametrize("family,n,teacher", CASES)
+def test_reused_prefill_samples_and_trains_like_the_plain_step(family, n, teacher, tiny_model_dir,
+                                                               tiny_family_dir, tmp_path):  # noqa: F811
+    """The EMA adapter teacher swaps its weights in, and the frozen one switches the adapter off, between the
+    student's prefill and its backward: neither may disturb the gradients that reach the prefill."""
     model_dir = _model_dir(family, tiny_model_dir, tiny_family_dir)
-    kw = dict(n_rollouts=n, batch_size=3, micro_batch_size=3 * n)
+    kw = dict(n_rollouts=n, batch_size=3, micro_batch_size=3 * n, teacher=teacher)
     on = _run(model_dir, tmp_path / "on", True, **kw)
     off = _run(model_dir, tmp_path / "off", False, **kw)
     samples_on, div_on, grads_on, w_on, used = on
