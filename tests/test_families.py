@@ -76,6 +76,39 @@ def test_batched_scoring_equals_one_unpadded_forward_per_sequence(fam):
             torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_one_processor_call_encodes_the_prompts_as_calls_of_their_own_do(fam, capsys):
+    """Where the family says how to cut a batched call's vision tensors apart (Qwen), one processor call for
+    prompts of different sizes gives every prompt exactly the tensors a call for it alone gives; elsewhere the
+    prompts are encoded one call each, and that is said once."""
+    images = [Image.new("RGB", (224, 224), (200, 30, 30)), Image.new("RGB", (160, 80), (30, 200, 30)),
+              Image.new("RGB", (64, 96), (30, 30, 200))]
+    texts = ["What colour is it?", "What shape is the object? (A) circle", "What colour is it?"]
+    family = model_family(fam.model)
+    calls = []
+    call = type(fam.processor).__call__
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return call(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(fam.processor), "__call__", counting)
+        batched = encode_prompts(fam.processor, images, texts, family)
+    own = [encode_prompts(fam.processor, [im], [t])[0] for im, t in zip(images, texts, strict=True)]
+    assert len(calls) == (1 if family.split_vision is not None else 3)
+    assert (family.split_vision is not None) == (fam.name in QWEN)
+    for got, want in zip(batched, own, strict=True):
+        assert got.tokens.keys() == want.tokens.keys() and got.vision.keys() == want.vision.keys()
+        for key in want.tokens:
+            assert torch.equal(got.tokens[key], want.tokens[key]), key
+        for key in want.vision:
+            assert torch.equal(got.vision[key], want.vision[key]), key
+        assert got.text == want.text
+    if family.split_vision is None:
+        encode_prompts(fam.processor, images, texts, family)
+        assert capsys.readouterr().err.count("one processor call per prompt") == 1
+
+
 def test_rollouts_are_the_same_with_and_without_the_vision_once_path(fam, monkeypatch):
     """Qwen families: n rollouts sharing one vision-tower pass sample what the plain path (pixels repeated n
     times) samples under the same seed. Other families take the plain path both times."""

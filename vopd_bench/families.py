@@ -18,6 +18,11 @@ travel with their sequence. A family entry says only:
 - `pixel_budget`: the most pixels the family's image processor keeps of any image, read from the processor
   (the hf backend then decodes large JPEGs of full-view-only samples at a reduced size that still covers it);
   `None` = unknown, every image is decoded in full;
+- `split_vision`: how to cut the vision tensors of one batched processor call (one image per prompt) into each
+  prompt's own, exactly as a call for that prompt alone returns them; `None` = unknown, so the trainer makes
+  one processor call per prompt;
+- `training_kernels`: changes to the loaded model that keep its arithmetic and only pick faster kernels for
+  training (`vopd distill` applies them; the weights and what is saved are untouched);
 - `note`: the family's quirk, in one line, for `vopd check` and the README;
 - `focus_depth`: where `--focus` and the paper's self-zoom read the attention by default, as a fraction of the
   depth of the language model's attention layers (`vopd_bench.attention.default_layer`); `None` = no default,
@@ -43,6 +48,46 @@ def _qwen_image_features(base: Any, vision: Mapping[str, Tensor]) -> Any:
     """Qwen-VL towers take flat patches plus their grid and return one feature tensor per image (`pooler_output`)
     and, for Qwen3-VL, the deepstack features per layer, each again one tensor per image."""
     return base.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
+
+
+def _qwen_split_vision(vision: Mapping[str, Tensor], n: int) -> list[dict[str, Tensor]] | None:
+    """Qwen-VL processors concatenate every image's flat patches (`pixel_values`, `prod(image_grid_thw)` rows per
+    image) and keep one grid row per image; nothing is padded, so a batch splits into the per-prompt tensors
+    exactly. None for any other layout (videos, several images per prompt)."""
+    grid = vision.get("image_grid_thw")
+    if grid is None or len(grid) != n or set(vision) != {"pixel_values", "image_grid_thw"}:
+        return None
+    patches = vision["pixel_values"].split(grid.prod(-1).tolist())
+    return [{"pixel_values": patches[i], "image_grid_thw": grid[i:i + 1]} for i in range(n)]
+
+
+_MATMUL_PATCH_EMBEDS: dict[type, type] = {}
+
+
+def _qwen_patch_embed_as_matmul(model: Any) -> None:
+    """Qwen-VL towers embed each patch with a Conv3d whose kernel equals its stride and its input: one dot product
+    per output channel, i.e. a matmul of the flat patches with the flattened kernel, which PyTorch's CPU conv3d
+    runs 2-3x slower than `linear` does. Each such module's class is swapped for a subclass whose forward is that
+    matmul (a class, not a closure, so a deep copy of the model, e.g. a frozen teacher, reads its own weights)."""
+    import torch
+
+    for module in model.modules():
+        conv = getattr(module, "proj", None)
+        if (type(module).__name__.endswith("PatchEmbed") and isinstance(conv, torch.nn.Conv3d)
+                and tuple(conv.kernel_size) == tuple(conv.stride) and not any(conv.padding)
+                and conv.groups == 1 and type(module) not in _MATMUL_PATCH_EMBEDS.values()):
+            cls = type(module)
+            if cls not in _MATMUL_PATCH_EMBEDS:
+                _MATMUL_PATCH_EMBEDS[cls] = type(cls.__name__, (cls,), {"forward": _patch_embed_matmul})
+            module.__class__ = _MATMUL_PATCH_EMBEDS[cls]
+
+
+def _patch_embed_matmul(self: Any, hidden_states: Tensor) -> Tensor:
+    import torch
+
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return torch.nn.functional.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
 
 
 def _idefics3_tile_tokens(tokenizer: Any) -> set[int]:
@@ -74,6 +119,8 @@ class Family:
     pixel_budget: Callable[[Any], int | None] | None = None
     focus_depth: float | None = None
     native_side: int | None = None
+    split_vision: Callable[[Mapping[str, Tensor], int], list[dict[str, Tensor]] | None] | None = None
+    training_kernels: Callable[[Any], None] | None = None
 
     def text_value(self, key: str) -> int:
         """What a per-token tensor holds at a response token: 0 (= text) unless the family says otherwise."""
@@ -90,6 +137,8 @@ QWEN_VL = Family(
     # its windows from 224 px; no other Qwen-VL model has a published layer, so the same depth stands in.
     focus_depth=22 / 36,
     native_side=224,
+    split_vision=_qwen_split_vision,
+    training_kernels=_qwen_patch_embed_as_matmul,
 )
 GEMMA = Family(
     "gemma", ("gemma3", "gemma4"),

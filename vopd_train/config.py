@@ -107,7 +107,9 @@ class DistillConfig:
                                       "its n responses against that cache, for teacher and student (2·(P+n·R) "
                                       "tokens instead of 2·n·(P+R)); same losses and gradients. Families not yet "
                                       "proven exact (all but Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) fall back to "
-                                      "the plain path and say so once.")
+                                      "the plain path and say so once. In a single process, when a step's prompts "
+                                      "fit one micro-batch, the HF rollouts also continue from the student's own "
+                                      "prefill (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): one prompt pass fewer per step.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     device: str = _opt("auto", "Device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = _opt("float32", "Weight dtype: float32 (master weights; bf16 autocast on a GPU) or bfloat16.")

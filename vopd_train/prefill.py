@@ -19,6 +19,7 @@ and `generate` reads it to place every later token. The offset is expanded n-fol
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,8 +54,28 @@ def generate_from_shared_prefill(model: Any, base: Any, inputs: Mapping[str, Ten
     head = {k: v[:, :-1] for k, v in tokens.items()}
     base.rope_deltas = None  # a stale offset from an earlier batch must not place this prefill's tokens
     cache = base(**head, **vision, use_cache=True).cache
+    return continue_from_prefill(model, base, tokens, cache, base.rope_deltas, n, **generate_kwargs)
+
+
+def continue_from_prefill(model: Any, base: Any, tokens: Mapping[str, Tensor], cache: Any, deltas: Tensor, n: int,
+                          **generate_kwargs: Any) -> Tensor:
+    """`model.generate` over the prompts `tokens` (P left-padded rows, every per-token tensor) repeated n times,
+    prompt-major, from `cache`: their prefill one token short of the end, with the M-RoPE offsets `deltas`."""
     rows = torch.arange(len(tokens["input_ids"]), device=tokens["input_ids"].device).repeat_interleave(n)
     cache.reorder_cache(rows)
-    base.rope_deltas = base.rope_deltas[rows]
+    base.rope_deltas = deltas[rows]
     expanded = {k: v[rows] for k, v in tokens.items()}
     return model.generate(**expanded, cache=cache, **generate_kwargs)
+
+
+def detached_cache(cache: Any) -> Any:
+    """A copy of a key/value cache whose tensors are cut from the autograd graph. They share storage with the
+    original: `generate` only extends and re-indexes them into new tensors, so the original is left as it was."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None:
+            twin.keys, twin.values = layer.keys.detach(), layer.values.detach()
+        out.layers.append(twin)
+    return out

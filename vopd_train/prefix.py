@@ -119,13 +119,14 @@ def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
     return torch.cat([torch.cat([last[row_of[p]][None], h[k, :lengths[k] - 1]]) for k, p in enumerate(owner)])
 
 
-def mrope_positions(base: Any, prefix: dict[str, Tensor], vision: dict[str, Tensor]) -> Tensor:
+def mrope_positions(base: Any, prefix: dict[str, Tensor], vision: dict[str, Tensor], with_deltas: bool = False) -> Any:
     """The prefixes' M-RoPE positions `[3, P, W]` from the model's own rule (image grid → 3-D positions), with
-    left padding masked out."""
-    positions, _ = base.get_rope_index(prefix["input_ids"], mm_token_type_ids=prefix["mm_token_type_ids"],
-                                       image_grid_thw=vision.get("image_grid_thw"),
-                                       attention_mask=prefix.get("attention_mask"))
-    return positions
+    left padding masked out; with `with_deltas`, also each row's offset `[P, 1]` as the model keeps it for
+    `generate` (last position + 1 − token count)."""
+    positions, deltas = base.get_rope_index(prefix["input_ids"], mm_token_type_ids=prefix["mm_token_type_ids"],
+                                            image_grid_thw=vision.get("image_grid_thw"),
+                                            attention_mask=prefix.get("attention_mask"))
+    return (positions, deltas) if with_deltas else positions
 
 
 def _out_of_place_states(cache: Any) -> None:

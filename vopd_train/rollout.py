@@ -24,7 +24,12 @@ from torch import Tensor
 from vopd_bench.errors import VopdError
 from vopd_bench.families import GENERIC, Family, family_of
 from vopd_bench.modeling import chat_text, encode, first_line, say_once, vision_token_ids
-from vopd_train.prefill import generate_from_shared_prefill, why_not_prefilled_once
+from vopd_train.prefill import (
+    continue_from_prefill,
+    detached_cache,
+    generate_from_shared_prefill,
+    why_not_prefilled_once,
+)
 from vopd_train.sampling import generate_options
 
 
@@ -54,13 +59,63 @@ class EncodedPrompt:
         return len(self.tokens["input_ids"])
 
 
-def encode_prompts(processor: Any, images: Sequence[Image.Image], texts: Sequence[str]) -> list[EncodedPrompt]:
-    """One processor call per prompt, so each prompt owns exactly the tensors the processor makes for it (no
-    batch padding to undo, no family-specific rule for splitting a batch's pixels)."""
+def encode_prompts(processor: Any, images: Sequence[Image.Image], texts: Sequence[str],
+                   family: Family | None = None) -> list[EncodedPrompt]:
+    """Each prompt with exactly the tensors the processor makes for it alone: unpadded, owning its pixels.
+
+    With a `family` that knows how to cut a batch's vision tensors per prompt (`Family.split_vision`), every
+    prompt goes through the processor in one call (one image-processor pass, one tokenizer pass, each distinct
+    text templated once) and the batch is cut apart; otherwise one call per prompt, which needs no rule at all."""
     try:
+        if family is not None and len(images) > 1:
+            batched = _encode_batched(processor, images, texts, family)
+            if batched is not None:
+                return batched
+            say_once(f"encode-per-prompt:{family.name}", f"{family.name} models: one processor call per prompt "
+                     "(vopd has no rule yet to cut a batched call's vision tensors per prompt; slower, same tensors)")
         return [encode_one(processor, image, text) for image, text in zip(images, texts, strict=True)]
     except Exception as e:  # noqa: BLE001 - a processor outside the standard API: one line, no traceback
         raise unsupported(type(processor).__name__, "encode its prompts", e) from e
+
+
+def _encode_batched(processor: Any, images: Sequence[Image.Image], texts: Sequence[str],
+                    family: Family) -> list[EncodedPrompt] | None:
+    """One processor call for all prompts, cut into per-prompt tensors; None where the family cannot cut it."""
+    if family.split_vision is None:
+        return None
+    chat = {t: chat_text(processor, t) for t in dict.fromkeys(texts)}
+    enc = processor(text=[chat[t] for t in texts], images=[[im] for im in images], return_tensors="pt",
+                    padding=True)
+    tokens, vision = _split_outputs(enc)
+    parts = family.split_vision(vision, len(images))
+    if parts is None:
+        return None
+    out = []
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        own = _unpadded({k: v[i] for k, v in tokens.items()})
+        out.append(EncodedPrompt(own, parts[i], chat[text], image))
+    return out
+
+
+def _split_outputs(enc: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A processor's outputs as per-token tensors (shaped like `input_ids`) and vision tensors (the rest)."""
+    ids = enc["input_ids"]
+    tokens: dict[str, Tensor] = {}
+    vision: dict[str, Tensor] = {}
+    for key, value in enc.items():
+        if not isinstance(value, Tensor):
+            continue  # metadata lists some processors add; the model reads only tensors
+        (tokens if value.shape == ids.shape else vision)[key] = value
+    return tokens, vision
+
+
+def _unpadded(tokens: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One row's per-token tensors without the batch's padding (wherever the processor put it)."""
+    ids = tokens["input_ids"]
+    keep = tokens["attention_mask"].bool() if "attention_mask" in tokens else torch.ones_like(ids, dtype=torch.bool)
+    tokens = {k: v[keep] for k, v in tokens.items()}
+    tokens.setdefault("attention_mask", torch.ones_like(tokens["input_ids"]))
+    return tokens
 
 
 def unsupported(model: str, what: str, e: BaseException) -> VopdError:
@@ -69,21 +124,8 @@ def unsupported(model: str, what: str, e: BaseException) -> VopdError:
 
 
 def encode_one(processor: Any, image: Image.Image, text: str) -> EncodedPrompt:
-    enc = encode(processor, [image], [text])
-    ids = enc["input_ids"]
-    tokens: dict[str, Tensor] = {}
-    vision: dict[str, Tensor] = {}
-    for key, value in enc.items():
-        if not isinstance(value, Tensor):
-            continue  # metadata lists some processors add; the model reads only tensors
-        if value.shape == ids.shape:
-            tokens[key] = value[0]
-        else:
-            vision[key] = value
-    keep = tokens["attention_mask"].bool() if "attention_mask" in tokens else torch.ones_like(ids[0], dtype=torch.bool)
-    tokens = {k: v[keep] for k, v in tokens.items()}
-    tokens.setdefault("attention_mask", torch.ones_like(tokens["input_ids"]))
-    return EncodedPrompt(tokens, vision, chat_text(processor, text), image)
+    tokens, vision = _split_outputs(encode(processor, [image], [text]))
+    return EncodedPrompt(_unpadded({k: v[0] for k, v in tokens.items()}), vision, chat_text(processor, text), image)
 
 
 def collate_vision(parts: Sequence[Mapping[str, Tensor]], family: Family = GENERIC) -> dict[str, Tensor]:
@@ -169,6 +211,7 @@ class HFRolloutEngine:
         eos = gen_eos if gen_eos is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.bad_words = [[i] for i in vision_token_ids(processor, _config(model))] or None
+        self.reuse: Any = None  # a `vopd_train.reuse.PrefillReuse`: the student's prefill serves the rollouts
 
     def generate(self, prompts: Sequence[EncodedPrompt], settings: SamplingSettings) -> list[Rollout]:
         if not prompts:
@@ -177,9 +220,15 @@ class HFRolloutEngine:
         options = {**generate_options(settings.prompt_seeds, settings.n, settings.temperature),
                    "max_new_tokens": settings.max_new_tokens, "bad_words_ids": self.bad_words,
                    "pad_token_id": self.pad_id}
+        inputs = None  # the prompts, each once, left padded
+        reused = None  # the student's own prefill of the prompts (with gradient), where the trainer reuses it
+        if self.reuse is not None:
+            inputs = _to(collate_left(prompts, self.pad_id, self.family), device)
+            if self.reuse.why_not(prompts, inputs) is None:
+                reused = self.reuse.prefill(prompts, inputs)
         once = None  # the prompts, each once, where their rollouts share its prefill
-        if self.prefix_sharing and settings.n > 1:
-            once = _to(collate_left(prompts, self.pad_id, self.family), device)
+        if reused is None and self.prefix_sharing and settings.n > 1:
+            once = inputs if inputs is not None else _to(collate_left(prompts, self.pad_id, self.family), device)
             reason = why_not_prefilled_once(getattr(_config(self.model), "model_type", None), once)
             if reason is not None:
                 once = None
@@ -189,7 +238,10 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             with torch.no_grad(), _autocast(device):
-                if once is not None:
+                if reused is not None:
+                    out = continue_from_prefill(self.model, backbone(self.model), reused.tokens,
+                                                detached_cache(reused.cache), reused.deltas, settings.n, **options)
+                elif once is not None:
                     out = generate_from_shared_prefill(self.model, backbone(self.model), once, set(prompts[0].tokens),
                                                        settings.n, **options)
                 else:

@@ -102,14 +102,32 @@ class AdapterOffTeacher(Teacher):
 
     def __init__(self, student: Any, kind: str, rate: float):
         self.kind, self.student = kind, student
+        self._head_adapted: bool | None = None
+        self._layers: list | None = None
         if kind == "trust-region":
             self.trust_region_rate = rate
 
     def _model(self) -> Any:
         return self.student
 
+    def head(self, h: Tensor) -> Tensor:
+        # the loss calls this per chunk, forward and backward: switching the adapter off walks every module, so it
+        # is done only where the head itself has an adapter (it has none under `all-linear`)
+        if self._head_adapted is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer  # only LoRA runs get here, with peft loaded
+
+            self._head_adapted = any(isinstance(m, BaseTunerLayer) for m in lm_head(self.student).modules())
+        if self._head_adapted:
+            return super().head(h)
+        with torch.no_grad():
+            return head_fn(self.student)(h)
+
     def _weights(self) -> contextlib.AbstractContextManager:
-        return self.student.disable_adapter()
+        # peft's `disable_adapter` walks every module twice and builds a status report on each entry; the
+        # adapter layers are found once here and switched off and on directly, as that context does
+        if self._layers is None:
+            self._layers = _plain_adapter_layers(self.student)
+        return _switched_off(self._layers) if self._layers else self.student.disable_adapter()
 
 
 class AdapterEMATeacher(Teacher):
@@ -166,6 +184,32 @@ class AdapterEMATeacher(Teacher):
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         _copy_into(self.ema, tensors, "EMA adapter")
+
+
+def _plain_adapter_layers(model: Any) -> list:
+    """The adapter layers of a PEFT model, where switching them one by one is all that switching the adapter
+    off takes: every one enabled and nothing but tuner layers (no `modules_to_save` copies). Else []."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    layers = []
+    for m in model.modules():
+        if isinstance(m, AuxiliaryTrainingWrapper):
+            return []
+        if isinstance(m, BaseTunerLayer):
+            layers.append(m)
+    return layers if layers and not any(m.disable_adapters for m in layers) else []
+
+
+@contextlib.contextmanager
+def _switched_off(layers: list) -> Iterator[None]:
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def make_teacher(kind: str, student: Any, rate: float, lora: bool) -> Teacher:

@@ -33,6 +33,7 @@ import torch
 from vopd_bench import distributed
 from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
+from vopd_bench.families import family_of
 from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint, dcp_state
@@ -42,6 +43,7 @@ from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count
 from vopd_train.evaluate import Validator
 from vopd_train.losses import ANCHOR_ALPHA, chunked_divergence, importance_weight, token_weights
 from vopd_train.prefix import scored_hidden
+from vopd_train.reuse import reuse_for, reused_or_scored
 from vopd_train.rollout import (
     EncodedPrompt,
     HFRolloutEngine,
@@ -141,6 +143,8 @@ class Distiller:
         model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
                                            trust_remote_code=cfg.trust_remote_code)
         self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
+        if (kernels := family_of(model.config).training_kernels) is not None:
+            kernels(model)  # same arithmetic, faster kernels (vopd_bench.families)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -169,6 +173,7 @@ class Distiller:
         self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor, cfg.prefix_sharing)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.reuse = reuse_for(self.engine, model, self.pad_id, cfg, distributed=self.place.enabled)
         self.sampling = SamplingSettings(cfg.n_rollouts, cfg.temperature, cfg.max_new_tokens)
 
         self.anchor_ref: Teacher | None = None  # the starting model on the crop, for --crop-anchor
@@ -413,7 +418,9 @@ class Distiller:
             students.append(r.student_image)
             teachers.append(r.teacher_image)
             texts.append(r.text)
-        return encode_prompts(self.processor, students, texts), encode_prompts(self.processor, teachers, texts)
+        # one processor call for the step's views and crops together (where the family says how to cut it apart)
+        both = encode_prompts(self.processor, students + teachers, texts + texts, model_family(self.model))
+        return both[:len(students)], both[len(students):]
 
     def train_step(self, step: int) -> StepStats:
         cfg = self.cfg
@@ -528,7 +535,7 @@ class Distiller:
 
         t = time.perf_counter()
         student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
-        student_hidden = scored_hidden(self.model, student_batch, cfg.prefix_sharing)
+        student_hidden = reused_or_scored(self.reuse, self.model, student_batch, cfg.prefix_sharing)
         out = chunked_divergence(
             student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
             alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
