@@ -130,7 +130,13 @@ def reuse_for(engine: Any, model: Any, pad_id: int, cfg: Any, *, distributed: bo
     --prefix-sharing, in a single process (None elsewhere: the step runs as before)."""
     from vopd_train.rollout import HFRolloutEngine
 
-    if distributed or not cfg.prefix_sharing or not isinstance(engine, HFRolloutEngine) or engine.model is not model:
+    if not cfg.prefix_sharing or not isinstance(engine, HFRolloutEngine) or engine.model is not model:
+        return None
+    if distributed:
+        from vopd_bench.modeling import say_once
+
+        say_once("reuse:distributed", "under torchrun the rollouts and the student's forward each prefill the "
+                 "prompts (the reused prefill is proven for one process only; slower, same result)")
         return None
     engine.reuse = PrefillReuse(model, pad_id, max_prompts=max(1, cfg.micro_batch_size // cfg.n_rollouts))
     return engine.reuse

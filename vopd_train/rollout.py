@@ -224,8 +224,12 @@ class HFRolloutEngine:
         reused = None  # the student's own prefill of the prompts (with gradient), where the trainer reuses it
         if self.reuse is not None:
             inputs = _to(collate_left(prompts, self.pad_id, self.family), device)
-            if self.reuse.why_not(prompts, inputs) is None:
+            why = self.reuse.why_not(prompts, inputs)
+            if why is None:
                 reused = self.reuse.prefill(prompts, inputs)
+            else:
+                say_once(f"reuse:{why}", f"{why}: the rollouts and the student's forward each prefill the prompts "
+                         "(slower, same result)")
         once = None  # the prompts, each once, where their rollouts share its prefill
         if reused is None and self.prefix_sharing and settings.n > 1:
             once = inputs if inputs is not None else _to(collate_left(prompts, self.pad_id, self.family), device)
