@@ -108,7 +108,8 @@ class DistillConfig:
                                       "tokens instead of 2·n·(P+R)); same losses and gradients. Families not yet "
                                       "proven exact (all but Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5) fall back to "
                                       "the plain path and say so once.")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory (prefix "
+                                               "sharing still applies: the cache is kept).")
     device: str = _opt("auto", "Device: auto, cpu, cuda, cuda:1, ...")
     dtype: str = _opt("float32", "Weight dtype: float32 (master weights; bf16 autocast on a GPU) or bfloat16.")
     trust_remote_code: bool = _opt(False, "Allow the model's own code from the hub to run.")
@@ -117,6 +118,13 @@ class DistillConfig:
 
     # bookkeeping
     seed: int = _opt(0, "Seed of data order, rollout sampling and initialisation.")
+    profile: bool = _opt(False, "Time the teacher and student phases of every step on a GPU too (it waits for the "
+                                "GPU after each phase, a host sync per micro-batch that slows the step). On a CPU "
+                                "they are always timed.")
+    dist_timeout: float = _opt(30.0, "Under torchrun: minutes a rank waits for the others in a collective before "
+                                     "the run stops with an error (a rank that died or hangs shows up then). It "
+                                     "covers the longest wait of a healthy run too: rank 0 writing OUT/model, the "
+                                     "ranks of the re-measure finishing their shares at different times.")
     save_every: int = _opt(50, "Save the resumable training state every this many steps (and at the end).")
     restart: bool = _opt(False, "Ignore a saved state in --out and start over.")
     quiet: bool = _opt(False, "No live display; one line per --log-every steps.")
@@ -165,6 +173,7 @@ class DistillConfig:
                      "loss_chunk_size", "save_every", "log_every", "lora_rank", "eval_batch_size", "eval_max_new_tokens"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1")
         need(self.steps is None or self.steps >= 1, "--steps must be ≥ 1")
+        need(self.dist_timeout > 0, "--dist-timeout must be positive (minutes)")
         need(self.threads is None or self.threads >= 1, "--threads must be ≥ 1")
         need(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip > 0 and self.is_clip > 0,
              "--lr, --grad-clip and --is-clip must be positive and --warmup-steps ≥ 0")
@@ -192,7 +201,7 @@ class DistillConfig:
 # The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
                 "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
-                "focus"}
+                "focus", "profile", "dist_timeout"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.

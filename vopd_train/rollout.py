@@ -340,12 +340,16 @@ def lm_head(model: Any) -> Any:
 
 
 def head_fn(model: Any):
-    """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU)."""
+    """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU).
+
+    It calls the head's `forward` directly, without module hooks: under FSDP the loss gathers the head once and
+    applies it chunk by chunk (`fsdp.gathered_heads`), which the unit's own hooks would turn into one
+    collective per chunk."""
     head = lm_head(model)
 
     def apply(h: Tensor) -> Tensor:
         with _autocast(h.device):
-            return head(h)
+            return head.forward(h)
 
     return apply
 

@@ -23,8 +23,9 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
-from vopd_train import checkpoint, dcp_state
+from vopd_train import checkpoint, dcp_state, fsdp, recompute
 from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
 from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
@@ -72,9 +73,9 @@ class StepStats:
     skipped: int
     is_weight: float | None
     t_rollout: float
-    t_teacher: float
-    t_student: float
-    t_other: float
+    t_teacher: float | None  # None on a GPU without --profile (timing the phases needs host syncs)
+    t_student: float | None
+    t_other: float | None
     t_step: float
     anchor: float | None = None  # the crop anchor (KL(start ‖ student) on the crop), under the reduction's weights
 
@@ -101,13 +102,13 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, engine: RolloutEngine | None = None,
                  on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None,
                  on_eval: Callable[[dict], None] | None = None, on_note: Callable[[str], None] | None = None):
-        from vopd_bench.modeling import load_model, pick_device_dtype
+        from vopd_bench.modeling import pick_device_dtype
 
         self.cfg = cfg.validate()
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one rank per device, the global batch split over ranks, FSDP2 over the model.
-        self.place = distributed.init()
+        self.place = distributed.init(timeout=timedelta(minutes=cfg.dist_timeout))
         if self.place.enabled and cfg.batch_size < self.place.world_size:
             raise VopdError(f"--batch-size {cfg.batch_size} is smaller than the {self.place.world_size} ranks: "
                             "every rank needs at least one prompt per step")
@@ -133,26 +134,12 @@ class Distiller:
         self.on_eval = on_eval
 
         torch.manual_seed(cfg.seed)
-        model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
-                                           trust_remote_code=cfg.trust_remote_code)
+        model, self.processor, copy = self._load_student()
         self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if cfg.lora:
-            model = _wrap_lora(model, cfg)
         model.train()
         self.model = model
-        teacher = None
-        if self.place.enabled:
-            from vopd_train import fsdp
-
-            if not cfg.lora and cfg.teacher != "current":  # a copy of the starting weights, taken before sharding
-                teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
-                fsdp.shard_model(teacher.model, self.device)
-            fsdp.shard_model(model, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.teacher: Teacher = teacher or make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
+        self.teacher: Teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora, copy)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -171,7 +158,7 @@ class Distiller:
             if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
                 self.anchor_ref = self.teacher
             else:
-                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
+                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora, copy)
                 if not cfg.lora and on_note is not None:
                     on_note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
                             f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
@@ -186,6 +173,31 @@ class Distiller:
                 self.best.clear()
         if self.step:  # an engine with its own copy of the weights (vLLM) still holds the starting ones
             self.engine.sync_weights(self.model)
+
+    def _load_student(self) -> tuple[Any, Any, Callable[[Any], Any] | None]:
+        """(model, processor, copy): the student ready to train, and how a teacher copies it (None: a deep copy).
+
+        Under torchrun the model is sharded from the first byte (`sharded_load`): built on the meta device,
+        sharded, and each rank reads only its rows of the checkpoint; a teacher's copy is filled from the
+        student's shards. Activation recomputation and LoRA are applied before the weights are read."""
+        cfg = self.cfg
+
+        def prepare(model: Any) -> Any:
+            if cfg.gradient_checkpointing:
+                recompute.enable(model)
+            return _wrap_lora(model, cfg) if cfg.lora else model
+
+        if self.place.enabled:
+            from vopd_train.sharded_load import ShardedLoader
+
+            loader = ShardedLoader(cfg.model, self.device, cfg.dtype, cfg.trust_remote_code)
+            model, processor = loader.student(prepare)
+            return model, processor, loader.copy_of
+        from vopd_bench.modeling import load_model
+
+        model, processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
+                                      trust_remote_code=cfg.trust_remote_code)
+        return prepare(model), processor, None
 
     # ------------------------------------------------------------------ state
 
@@ -422,77 +434,97 @@ class Distiller:
 
         t = time.perf_counter()
         rollouts = [r for r in self.engine.generate(student_prompts, sampling) if r.token_ids] if everyone else []
-        _sync(self.device)
         t_rollout = time.perf_counter() - t
 
-        lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.long)
-        # the weights sum to 1 over the tokens of the whole step, on all ranks together
-        per_rank = distributed.all_gather_object(lengths.tolist())
-        first = sum(sum(x) for x in per_rank[:self.place.rank])
-        all_weights = token_weights(torch.tensor([n for x in per_rank for n in x], dtype=torch.long), cfg.reduction)
-        weights = all_weights[first:first + int(lengths.sum())].to(self.device)
-        offsets = [0, *torch.cumsum(lengths, 0).tolist()]
-        behaviour = None  # log π_rollout per token, when the engine reports it
-        if rollouts and all(r.logprobs is not None for r in rollouts):
-            behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(self.device)
-
-        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "anchor": 0.0, "t_teacher": 0.0, "t_student": 0.0}
+        weights, offsets = self._token_weights(rollouts)  # they sum to 1 over the step's tokens on all ranks
+        behaviour = _behaviour_logprobs(rollouts, self.device)  # log π_rollout per token, when the engine has it
+        acc = _Totals(self.device, timed=self._timed)
         grad_norm = float("nan")
-        groups = self._micro_batches(rollouts)
-        # FSDP: every rank runs as many passes as the busiest one; the extra ones replay a group at weight 0
-        n_passes = distributed.all_reduce_max(len(groups), self.device)
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             logps = []
-            for g in range(n_passes):
-                replay = g >= len(groups)
-                group = groups[min(g, len(groups) - 1)]
+            for group, scale in self._passes(rollouts):
                 a, b = offsets[group[0]], offsets[group[-1] + 1]
                 resp = [rollouts[k].token_ids for k in group]
                 owner = [rollouts[k].prompt_index for k in group]
-                scale = 0.0 if replay else 1.0
                 out = self._backward_micro(teacher_prompts, student_prompts, resp, owner, weights[a:b] * scale,
                                            behaviour[a:b] if behaviour is not None else None, acc)
-                if replay:
+                if scale == 0.0:  # a replayed pass (see _passes) adds nothing
                     continue
                 logps.append(out.student_logp)
                 if update == 0:
                     div = out.loss if cfg.objective == "logits" else out.student_logp - out.teacher_logp
-                    acc["div"] += float((div.detach() * weights[a:b]).sum())
-                    acc["ent"] += float(out.entropy.sum())
-                    acc["agree"] += float(out.agree.float().sum())
+                    acc.add_tokens(div.detach(), weights[a:b], out.entropy, out.agree)
             if behaviour is None and cfg.updates_per_batch > 1:
                 # later updates reuse these rollouts: weight them against the policy that drew them
                 behaviour = torch.cat(logps) if logps else None
-            if self.place.enabled:
-                from vopd_train import fsdp
-
-                fsdp.reduce_replicated_grads(self.model)
-                grad_norm = fsdp.clip_grad_norm(self.params, cfg.grad_clip, self.device)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-                self.teacher.update()
-            self.scheduler.step()
+            grad_norm = self._clip_and_step()
             self.engine.sync_weights(self.model)
 
-        div, ent, agree, isw, n_tok, n_seq = distributed.all_reduce_sum(
-            [acc["div"], acc["ent"], acc["agree"], acc["isw"], float(lengths.sum()), float(len(rollouts))], self.device)
-        acc["isw"], n_tok, n_seq = isw, int(n_tok), int(n_seq)
-        if self.place.enabled:
-            for skipped in distributed.all_gather_object(self.skipped):
-                self.skipped.update(skipped)
+        div, ent, agree, isw, anchor, n_tok, n_seq = self._reduce(acc, rollouts)
         t_step = time.perf_counter() - t_start
+        t_teacher, t_student = (acc.t_teacher, acc.t_student) if self._timed else (None, None)
         return StepStats(
             step=step + 1, divergence=div, tokens=n_tok, resp_len=n_tok / n_seq if n_seq else 0.0,
             entropy=ent / max(n_tok, 1), agree=agree / max(n_tok, 1), grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], sequences=n_seq, skipped=len(self.skipped),
-            is_weight=(acc["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
-            t_rollout=t_rollout, t_teacher=acc["t_teacher"], t_student=acc["t_student"],
-            t_other=t_step - t_rollout - acc["t_teacher"] - acc["t_student"], t_step=t_step,
-            anchor=acc["anchor"] / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
+            is_weight=(isw / cfg.updates_per_batch) if cfg.importance_weight else None,
+            t_rollout=t_rollout, t_teacher=t_teacher, t_student=t_student,
+            t_other=t_step - t_rollout - t_teacher - t_student if self._timed else None, t_step=t_step,
+            anchor=anchor / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
         )
+
+    @property
+    def _timed(self) -> bool:
+        """Whether the teacher and student phases are timed: always on a CPU (nothing to wait for), on a GPU only
+        with --profile, which waits for the GPU after each phase (a host sync per micro-batch)."""
+        return self.cfg.profile or not str(self.device).startswith("cuda")
+
+    def _token_weights(self, rollouts: list) -> tuple[torch.Tensor, list[int]]:
+        """Every token's weight in the step's loss (`--reduction` over the global batch: the ranks' weights sum to
+        1 together) for this rank's tokens, and where each rollout's tokens start."""
+        lengths = [len(r.token_ids) for r in rollouts]
+        per_rank = distributed.all_gather_object(lengths)
+        first = sum(sum(x) for x in per_rank[:self.place.rank])
+        everyone = token_weights(torch.tensor([n for x in per_rank for n in x], dtype=torch.long), self.cfg.reduction)
+        return everyone[first:first + sum(lengths)].to(self.device), list(itertools.accumulate(lengths, initial=0))
+
+    def _passes(self, rollouts: list) -> Iterator[tuple[list[int], float]]:
+        """(sequence indices, weight scale) of each forward/backward pass. Under FSDP every rank runs as many
+        passes as the busiest one (each pass is a fixed sequence of collectives); the extra ones replay this
+        rank's last group at weight 0."""
+        groups = self._micro_batches(rollouts)
+        n_passes = distributed.all_reduce_max(len(groups), self.device)
+        for g in range(n_passes):
+            yield groups[min(g, len(groups) - 1)], (0.0 if g >= len(groups) else 1.0)
+
+    def _clip_and_step(self) -> float:
+        """Clip the gradient norm, and take the optimizer step (and the teacher's) if it is finite; the scheduler
+        steps either way. Returns the norm before clipping: the step's one read back to the host."""
+        cfg = self.cfg
+        if self.place.enabled:
+            norm = float(fsdp.clip_grad_norm(self.params, cfg.grad_clip))
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.teacher.update()
+        self.scheduler.step()
+        return norm
+
+    def _reduce(self, acc: _Totals, rollouts: list) -> tuple[float, float, float, float, float, int, int]:
+        """The step's totals over all ranks, read back once: divergence, entropy, agreement, importance weight,
+        anchor, tokens, sequences."""
+        tokens = float(sum(len(r.token_ids) for r in rollouts))
+        totals = torch.stack([acc.div, acc.ent, acc.agree, acc.isw, acc.anchor,
+                              torch.tensor(tokens, dtype=torch.float64, device=self.device),
+                              torch.tensor(float(len(rollouts)), dtype=torch.float64, device=self.device)])
+        if distributed.active():
+            torch.distributed.all_reduce(totals)
+            for skipped in distributed.all_gather_object(self.skipped):
+                self.skipped.update(skipped)
+        div, ent, agree, isw, anchor, n_tok, n_seq = totals.tolist()
+        return div, ent, agree, isw, anchor, int(n_tok), int(n_seq)
 
     def _batch_indices(self, step: int) -> list[int]:
         """The step's prompts: the mined ones and, with --replay, a fixed share of both-right ones after them."""
@@ -509,37 +541,44 @@ class Distiller:
 
     def _backward_micro(self, teacher_prompts: list[EncodedPrompt], student_prompts: list[EncodedPrompt],
                         responses: list[list[int]], owner: list[int], weights: torch.Tensor,
-                        behaviour: torch.Tensor | None, acc: dict) -> Any:
+                        behaviour: torch.Tensor | None, acc: _Totals) -> Any:
         """Teacher forward (no grad), student forward, per-token divergence, backward of Σ weight·loss."""
         cfg = self.cfg
-        t = time.perf_counter()
         family = model_family(self.model)
-        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
-        teacher_hidden = self.teacher.hidden(teacher_batch, cfg.prefix_sharing)
-        _sync(self.device)
-        acc["t_teacher"] += time.perf_counter() - t
+        with acc.timing("t_teacher"):
+            teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
+            teacher_hidden = self.teacher.hidden(teacher_batch, cfg.prefix_sharing)
 
-        t = time.perf_counter()
-        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
-        student_hidden = scored_hidden(self.model, student_batch, cfg.prefix_sharing)
-        out = chunked_divergence(
-            student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
-            alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
-            temperature=cfg.temperature, trust_region_rate=self.teacher.trust_region_rate,
-            chunk_size=cfg.loss_chunk_size)
-        w = weights
-        if cfg.importance_weight:
-            iw = importance_weight(out.student_logp, behaviour, cfg.is_clip) if behaviour is not None else torch.ones_like(w)
-            acc["isw"] += float((iw * weights).sum())
-            w = w * iw
-        (out.loss * w).sum().backward()
-        if self.anchor_ref is not None:
-            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
-            (cfg.crop_anchor * anchor).backward()
-            acc["anchor"] += float(anchor.detach())
-        _sync(self.device)
-        acc["t_student"] += time.perf_counter() - t
+        with acc.timing("t_student"):
+            student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
+            student_hidden = scored_hidden(self.model, student_batch, cfg.prefix_sharing)
+            with self._heads(self.teacher):
+                out = chunked_divergence(
+                    student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
+                    alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
+                    temperature=cfg.temperature, trust_region_rate=self.teacher.trust_region_rate,
+                    chunk_size=cfg.loss_chunk_size)
+                w = weights
+                if cfg.importance_weight:
+                    iw = (importance_weight(out.student_logp, behaviour, cfg.is_clip) if behaviour is not None
+                          else torch.ones_like(w))
+                    acc.isw += (iw * weights).sum()
+                    w = w * iw
+                (out.loss * w).sum().backward()
+            if self.anchor_ref is not None:
+                with self._heads(self.anchor_ref):
+                    anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
+                    (cfg.crop_anchor * anchor).backward()
+                acc.anchor += anchor.detach()
         return out
+
+    def _heads(self, teacher: Teacher) -> contextlib.AbstractContextManager:
+        """Under FSDP, the student's and `teacher`'s LM heads gathered for one loss and its backward
+        (`fsdp.gathered_heads`); nothing to do in one process."""
+        if not self.place.enabled:
+            return contextlib.nullcontext()
+        nets = {id(m): m for m in (self.model, teacher.network())}
+        return fsdp.gathered_heads(*nets.values())
 
     def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
@@ -551,6 +590,40 @@ class Distiller:
             alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
             chunk_size=cfg.loss_chunk_size)
         return (out.loss * weights).sum()
+
+
+class _Totals:
+    """A step's running sums, kept on the device (no host read per micro-batch), and its phase timings."""
+
+    def __init__(self, device: Any, timed: bool):
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.div, self.ent, self.agree, self.isw, self.anchor = (zero.clone() for _ in range(5))
+        self.device, self.timed = device, timed
+        self.t_teacher = self.t_student = 0.0
+
+    def add_tokens(self, div: torch.Tensor, weights: torch.Tensor, entropy: torch.Tensor, agree: torch.Tensor) -> None:
+        self.div += (div * weights).sum()
+        self.ent += entropy.sum()
+        self.agree += agree.sum()
+
+    @contextlib.contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to `name` when timed; on a GPU that waits for it to finish (--profile)."""
+        if not self.timed:
+            yield
+            return
+        t = time.perf_counter()
+        yield
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        setattr(self, name, getattr(self, name) + time.perf_counter() - t)
+
+
+def _behaviour_logprobs(rollouts: list, device: Any) -> torch.Tensor | None:
+    """log π_rollout of every token, flat, when the engine reported them for every rollout."""
+    if rollouts and all(r.logprobs is not None for r in rollouts):
+        return torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(device)
+    return None
 
 
 def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
@@ -573,11 +646,6 @@ def _set_step_seed(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def split_log(rows: list[dict]) -> tuple[list[dict], list[dict]]:
