@@ -34,7 +34,6 @@ import torch
 from vopd_bench import distributed
 from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
-from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
 from vopd_train import checkpoint, dcp_state, fsdp, recompute
 from vopd_train.best import BestKeeper, BestRecord, best_summary
@@ -272,15 +271,6 @@ class Distiller:
         cfg = self.cfg
         if cfg.eval_every is None:
             return None
-        if self.place.enabled:
-            # every rank would have to generate in step with the sharded model, and the best weights are sharded
-            if "eval_every" in self.preset:
-                say_once("eval-torchrun", "the toy preset's periodic validation (--eval-every) is off under "
-                         "torchrun: validation of an FSDP-sharded model is not implemented yet; OUT/model holds "
-                         "the last weights")
-                return None
-            raise VopdError("--eval-every is not available under torchrun yet (validation of an FSDP-sharded "
-                            "model is not implemented); drop it, or run gap-report on saved checkpoints")
         remeasured = held_out_benchmarks(self.data.kind, self.data.benchmarks, cfg.remeasure_benchmarks)
         benches = validation_benchmarks(self.data.benchmarks, cfg.eval_benchmarks, remeasured)
         if not benches:
@@ -326,8 +316,7 @@ class Distiller:
                 # saved after every evaluation too, so a resumed run holds the same best-so-far (see best.py)
                 if evaluated or self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_state()
-        # under torchrun there is no validation (see _validator): the last weights, gathered on rank 0
-        model_dir = self._save_final_sharded() if self.place.enabled else self._save_model()
+        model_dir = self._save_model()
         if not main:
             return TrainResult(self.out, model_dir, self.step, [], time.perf_counter() - t0)
         if self.best is not None and self.best.best is not None:  # which step won, and why
@@ -339,18 +328,38 @@ class Distiller:
                            self.best.best if self.best is not None else None)
 
     def evaluate(self, log: Any) -> dict:
-        """Validate the live model, log the result, and keep its weights if they are the best so far."""
+        """Validate the live model, log the result, and keep its weights if they are the best so far. Under
+        torchrun every rank takes part (each asks its share of the questions); rank 0 logs."""
         t = time.perf_counter()
         metrics = self.validator.evaluate(self.model, self.processor).metrics()
-        won = self.best is not None and self.best.offer(self.step, metrics,
-                                                        lambda: checkpoint.trainable_tensors(self.model))
+        won = self.best is not None and self._offer_best(metrics)
         row = {"step": self.step, "kind": "eval", **metrics, "best": won, "t_eval": time.perf_counter() - t}
+        if log is None:  # a rank other than 0
+            return row
         log.write(json.dumps(row) + "\n")
         log.flush()
         if self.on_eval is not None:
             self.on_eval(row)
         self._plot(*split_log(read_log(self.out / LOG_FILE)))  # watchable while the run goes on
         return row
+
+    def _offer_best(self, metrics: dict) -> bool:
+        """Offer the live weights to the best keeper: full tensors in one process, each rank's shards under
+        torchrun (no rank gathers them)."""
+        assert self.best is not None
+        if self.place.enabled:
+            return self.best.offer(self.step, metrics, write=lambda folder: dcp_state.save_trainable(folder, self.model))
+        return self.best.offer(self.step, metrics, lambda: checkpoint.trainable_tensors(self.model))
+
+    def _load_best(self) -> None:
+        """Put the kept best weights back into the live model, whoever saved them (one process or torchrun)."""
+        assert self.best is not None
+        if self.best.sharded():
+            dcp_state.load_trainable(self.best.dir, self.model)
+        elif self.place.enabled:
+            dcp_state.load_full_trainable(self.model, self.best.tensors())
+        else:
+            checkpoint.load_trainable(self.model, self.best.tensors())
 
     def _plot(self, history: list[dict], evals: list[dict]) -> None:
         if history or evals:
@@ -361,6 +370,8 @@ class Distiller:
 
     def _save_model(self) -> Path:
         """OUT/model: the best evaluated weights (the last without selection); OUT/model_last on request."""
+        if self.place.enabled:
+            return self._save_model_sharded()
         best = self.best.best if self.best is not None else None
         last_dir = self.out / "model_last"
         if best is None or best.step == self.step:
@@ -375,30 +386,54 @@ class Distiller:
             else:
                 self.model.save_pretrained(last_dir, safe_serialization=True)
                 self.processor.save_pretrained(last_dir)
-        checkpoint.load_trainable(self.model, self.best.tensors())
+        self._load_best()
         model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
         if self.cfg.keep_last and self.cfg.lora:
             checkpoint.merge_lora(self.cfg.model, self.out / "adapter_last", last_dir)
         return model_dir
 
-    def _save_final_sharded(self) -> Path:
-        """Gather the full weights onto rank 0's CPU, load them into a fresh copy of the model there, and write
-        OUT/model (and OUT/adapter) from it; the other ranks wait."""
+    def _save_model_sharded(self) -> Path:
+        """`_save_model` under torchrun: the same folders, written by rank 0 (`_write_sharded`)."""
+        best = self.best.best if self.best is not None else None
+        model_dir, last_dir = self.out / "model", self.out / "model_last"
+        if best is None or best.step == self.step:
+            self._write_sharded(model_dir, self.out / "adapter")
+            if self.cfg.keep_last and self.place.is_main:
+                shutil.rmtree(last_dir, ignore_errors=True)
+                shutil.copytree(model_dir, last_dir)
+            distributed.barrier()
+            return model_dir
+        if self.cfg.keep_last:
+            self._write_sharded(last_dir, self.out / "adapter_last")
+        self._load_best()
+        self._write_sharded(model_dir, self.out / "adapter")
+        return model_dir
+
+    def _write_sharded(self, model_dir: Path, adapter_dir: Path) -> None:
+        """Collective: write the live weights as a `save_pretrained` folder from rank 0, the others waiting.
+
+        LoRA: only the adapter is gathered (it is all that trained); rank 0 saves it and merges it into the base
+        read from disk, as `checkpoint.merge_lora` does. Full fine-tuning: the weights are gathered onto rank
+        0's CPU one tensor at a time and written through the architecture built on the meta device (no second
+        copy of the model)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from vopd_bench.modeling import load_model
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        model_dir = self.out / "model"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.cfg.lora)
+        weights = get_model_state_dict(self.model, options=options)
         if self.place.is_main:
-            net, _ = load_model(self.cfg.model, device="cpu", dtype=self.cfg.dtype,
-                                trust_remote_code=self.cfg.trust_remote_code)
+            for d in (model_dir, adapter_dir):
+                shutil.rmtree(d, ignore_errors=True)
             if self.cfg.lora:
-                net = _wrap_lora(net, self.cfg)
-            net.load_state_dict(full)
-            checkpoint.save_final(net, self.processor, self.out, self.cfg.lora)
+                self.model.save_pretrained(adapter_dir, state_dict=weights)
+                checkpoint.merge_lora(self.cfg.model, adapter_dir, model_dir)
+            else:
+                from vopd_train.sharded_load import ShardedLoader
+
+                net = ShardedLoader(self.cfg.model, "cpu", self.cfg.dtype, self.cfg.trust_remote_code).meta_model()
+                net.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
+                self.processor.save_pretrained(model_dir)
+        del weights
         distributed.barrier()
-        return model_dir
 
     def _rank_share(self, indices: list[int]) -> list[int]:
         """This rank's contiguous part of the step's global batch (all of it in a single process)."""
