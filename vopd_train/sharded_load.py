@@ -201,25 +201,58 @@ def _rows(full: Tensor, like: Tensor) -> Tensor:
 
 def _read_shards(model: nn.Module, path: Path, names: dict[str, tuple[Path, str]]) -> None:
     """Each of this rank's shards from the rows of its checkpoint tensor, one tensor at a time."""
-    from safetensors import safe_open
-
     tensors = _named_tensors(model)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, (f, key) in names.items():
         if name in tensors:
             by_file.setdefault(f, []).append((name, key))
     for f, items in by_file.items():
-        with safe_open(f, "pt") as h:
+        table = SafetensorsTable(f)
+        with f.open("rb") as fh:
             for name, key in items:
                 dest = tensors[name]
-                local = _local(dest)
-                src = h.get_slice(key)
-                if dest.dim() == 0:
-                    local.copy_(h.get_tensor(key))
+                start, stop = _row_range(dest) if dest.dim() else (0, 0)
+                if dest.dim() and stop <= start:
                     continue
-                start, stop = _row_range(dest)
-                if stop > start:
-                    local.copy_(src[start:stop].to(local.dtype))
+                _local(dest).copy_(table.rows(fh, key, start, stop))
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsTable:
+    """The table of contents of a safetensors file, to read rows of a tensor with plain file reads.
+
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+    every tensor's bytes, C-contiguous, so rows [a, b) of a tensor are one contiguous byte range. Reading them
+    with `readinto` (not through a memory map) keeps the file's pages out of the process's memory: a rank holds
+    its rows and nothing else of the checkpoint."""
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def rows(self, fh: Any, key: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of tensor `key` (the whole tensor when it is 0-dimensional)."""
+        entry = self.header[key]
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        row_bytes = (end - begin) // shape[0] if shape else end - begin
+        if not shape:
+            start, stop = 0, 1
+        buf = bytearray((stop - start) * row_bytes)
+        fh.seek(self.base + begin + start * row_bytes)
+        if fh.readinto(buf) != len(buf):
+            raise VopdError(f"{fh.name}: tensor {key} is truncated")
+        out = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return out.reshape([stop - start, *shape[1:]] if shape else [])
 
 
 def _init_buffers(model: nn.Module) -> None:
