@@ -198,8 +198,9 @@ def log_of(out: Path) -> list[dict]:
 
 
 def test_distill_two_ranks_sample_and_score_like_one_process(tiny_model_dir, tmp_path):
-    """LoRA with the EMA adapter teacher, HF generate rollouts: the same tokens, the same divergences."""
-    cfg = distill_cfg(tiny_model_dir, tmp_path / "two", lora=True, teacher="ema", teacher_rate=0.5)
+    """LoRA with the EMA adapter teacher and the crop anchor (a second loss and backward per micro-batch through
+    the gathered head), HF generate rollouts: the same tokens, the same divergences and anchors."""
+    cfg = distill_cfg(tiny_model_dir, tmp_path / "two", lora=True, teacher="ema", teacher_rate=0.5, crop_anchor=0.3)
     torchrun(2, "distill", cfg)
     run_one({**cfg, "out": str(tmp_path / "one")})
     two, one = log_of(tmp_path / "two"), log_of(tmp_path / "one")
@@ -207,7 +208,9 @@ def test_distill_two_ranks_sample_and_score_like_one_process(tiny_model_dir, tmp
     for a, b in zip(two, one, strict=True):
         assert a["tokens"] == b["tokens"] and a["sequences"] == b["sequences"] == 8
         assert a["divergence"] == pytest.approx(b["divergence"], rel=1e-3)
+        assert a["anchor"] == pytest.approx(b["anchor"], rel=1e-3, abs=1e-9)
         assert a["agree"] == pytest.approx(b["agree"], abs=1e-6)
+    assert one[-1]["anchor"] > 0
 
 
 def test_distill_two_ranks_take_the_same_steps_and_resume_on_one(tiny_model_dir, tmp_path):

@@ -11,8 +11,8 @@ from test_train_loop import tiny_cfg
 from tiny_fixtures import tiny_family_dir  # noqa: F401
 
 from vopd_bench.modeling import load_model
-from vopd_train.losses import chunked_divergence
 from vopd_train import recompute
+from vopd_train.losses import chunked_divergence
 from vopd_train.prefix import SHARED_MODEL_TYPES, scored_hidden, shared_prefix_hidden, why_not_shared
 from vopd_train.rollout import Rollout, build_sequences, encode_prompts, head_fn, response_hidden
 from vopd_train.trainer import Distiller

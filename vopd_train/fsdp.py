@@ -135,8 +135,10 @@ def gathered_heads(*models: Any) -> Iterator[None]:
     """Gather the LM heads of the sharded `models` for a loss (one all-gather each, on every rank alike); they
     are sharded again on leaving. Keep the backward pass inside: the loss's chunks recompute their logits there.
 
-    A head with a gradient is also resharded by FSDP at the end of the backward pass, right after its gradient
-    has been reduce-scattered; leaving here then changes nothing for it. Unsharded models pass through."""
+    Enter it after the forwards whose hidden states the loss reads: when the input embeddings share the head's
+    unit, a backbone forward reshards the unit as it ends. A head with a gradient is also resharded by FSDP at the
+    end of the backward pass, right after its gradient has been reduce-scattered; leaving here then changes
+    nothing for it. Unsharded models pass through."""
     units = [_head_unit(m) for m in models if is_sharded(m)]
     for u in units:
         u.unshard()

@@ -601,30 +601,33 @@ class Distiller:
                     w = w * iw
                 (out.loss * w).sum().backward()
             if self.anchor_ref is not None:
-                with self._heads(self.anchor_ref):
-                    anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
-                    (cfg.crop_anchor * anchor).backward()
-                acc.anchor += anchor.detach()
+                acc.anchor += self._crop_anchor(teacher_batch, teacher_hidden, weights)
         return out
 
     def _heads(self, teacher: Teacher) -> contextlib.AbstractContextManager:
         """Under FSDP, the student's and `teacher`'s LM heads gathered for one loss and its backward
-        (`fsdp.gathered_heads`); nothing to do in one process."""
+        (`fsdp.gathered_heads`); nothing to do in one process. Enter it after the forwards that give the loss its
+        hidden states: with tied embeddings a backbone forward ends by resharding the head's unit."""
         if not self.place.enabled:
             return contextlib.nullcontext()
         nets = {id(m): m for m in (self.model, teacher.network())}
         return fsdp.gathered_heads(*nets.values())
 
     def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
+        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence),
+        backward of --crop-anchor times it; returns it, detached."""
         cfg, ref = self.cfg, self.anchor_ref
+        assert ref is not None
         ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch, cfg.prefix_sharing)
         student_hidden = scored_hidden(self.model, crop_batch, cfg.prefix_sharing)  # the teacher's path: 0 at start
-        out = chunked_divergence(
-            student_hidden, ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
-            alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
-            chunk_size=cfg.loss_chunk_size)
-        return (out.loss * weights).sum()
+        with self._heads(ref):
+            out = chunked_divergence(
+                student_hidden, ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
+                alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
+                chunk_size=cfg.loss_chunk_size)
+            anchor = (out.loss * weights).sum()
+            (cfg.crop_anchor * anchor).backward()
+        return anchor.detach()
 
 
 class _Totals:
