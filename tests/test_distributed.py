@@ -355,3 +355,30 @@ def test_setup_memory_is_a_share_of_the_model(world, model_100m_dir, tmp_path):
         used = (r["peak_kib"] - r["before_kib"]) / 1024
         assert r["local_params"] <= n_params / world * 1.01 + 1e5
         assert used <= bound, f"rank set-up peak {used:.0f} MB > {bound:.0f} MB (model {full_mb:.0f} MB, {world} ranks)"
+
+
+def test_distill_validates_under_torchrun_as_one_process_does(tmp_path):
+    """--eval-every under torchrun: the sharded model answers the validation questions in place (each rank its
+    share, in step: 3 batches over 2 ranks), the rows in train_log.jsonl and the kept best step equal one
+    process's, and OUT/model holds the best weights, read back from the ranks' shards (the toy model, which
+    answers crops right and full images mostly wrong, at a learning rate that moves its answers in 4 steps)."""
+    cfg = distill_cfg("toy", tmp_path / "two", lora=True, teacher="frozen", seed_engine=True, steps=4,
+                      eval_every=2, eval_limit=8, eval_batch_size=8, lr=0.05, keep_last=True)
+    torchrun(2, "distill", cfg)
+    run_one({**cfg, "out": str(tmp_path / "one")})
+    evals = [[r for r in log_of(tmp_path / d) if r.get("kind") == "eval"] for d in ("two", "one")]
+    assert [r["step"] for r in evals[0]] == [0, 2, 4]
+    keys = ("acc_full", "acc_crop", "acc_box", "n", "best")
+    assert [[r[k] for k in keys] for r in evals[0]] == [[r[k] for k in keys] for r in evals[1]]
+    assert len({(r["acc_full"], r["acc_crop"]) for r in evals[1]}) > 1  # the weights moved the answers
+    best = [json.loads((tmp_path / d / "best" / "best.json").read_text()) for d in ("two", "one")]
+    assert best[0]["step"] == best[1]["step"]
+    assert (tmp_path / "two" / "best" / "dcp").is_dir()  # each rank's shards, never gathered
+    assert best[1]["step"] != 4  # so OUT/model is not simply the last weights
+    # the best weights to 1e-5; the last ones, after 4 Adam steps at this rate (which turns float-rounding
+    # differences of near-zero gradients into whole steps), to 1e-3
+    for name, rel in (("model", 1e-5), ("model_last", 1e-3)):
+        a, b = (load_file(tmp_path / d / name / "model.safetensors") for d in ("two", "one"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_rel_close(a[k], b[k], rel)

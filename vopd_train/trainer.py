@@ -430,6 +430,8 @@ class Distiller:
                 from vopd_train.sharded_load import ShardedLoader
 
                 net = ShardedLoader(self.cfg.model, "cpu", self.cfg.dtype, self.cfg.trust_remote_code).meta_model()
+                for tied in getattr(net, "all_tied_weights_keys", None) or {}:  # gathered as copies: drop them
+                    weights.pop(tied, None)
                 net.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
                 self.processor.save_pretrained(model_dir)
         del weights
