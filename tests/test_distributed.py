@@ -382,3 +382,33 @@ def test_distill_validates_under_torchrun_as_one_process_does(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert_rel_close(a[k], b[k], rel)
+
+
+SHARD_ON_META = """
+import json, sys, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import AutoConfig, AutoModelForImageTextToText
+from vopd_train import fsdp
+dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+with torch.device("meta"):
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+fsdp.shard_model(model, "cuda", dist.group.WORLD)
+print(json.dumps({n: [type(p).__name__, str(p.device), list(p.shape), list(p.to_local().shape), str(p.placements)]
+                  for n, p in model.named_parameters()}))
+"""
+
+
+def test_shard_model_lays_out_a_meta_model_over_a_fake_group(tiny_model_dir):
+    """`fsdp.shard_model(model, device, group)` is a pure layout step: on a meta-device model, over a fake process
+    group of 8 ranks (what a memory plan uses, no GPU and no peers), every parameter, the tied LM head included,
+    becomes a meta DTensor holding this rank's rows of the first dimension (rank 3: rows 3·⌈n/8⌉ onwards)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SHARD_ON_META, str(tiny_model_dir)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "model.language_model.embed_tokens.weight" in params and "lm_head.weight" not in params  # tied: one
+    for name, (kind, device, full, local, placements) in params.items():
+        assert (kind, device, placements) == ("DTensor", "meta", "(Shard(dim=0),)"), name
+        per = -(-full[0] // 8)
+        assert local == [max(0, min(per, full[0] - 3 * per)), *full[1:]], name

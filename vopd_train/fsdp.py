@@ -28,7 +28,6 @@ memory plan can apply it to a meta model with a fake process group.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -69,8 +68,10 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def mesh_of(device: str | torch.device, group: dist.ProcessGroup | None = None) -> DeviceMesh:
-    """A one-dimensional device mesh over `group` (the default group when None)."""
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    """A one-dimensional device mesh over `group` (the default group when None). A CUDA device's mesh where CUDA
+    is present; elsewhere a CPU mesh, which lays a meta model out the same way (a memory plan made on a machine
+    without a GPU, over a fake process group)."""
+    kind = "cuda" if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
     return DeviceMesh.from_group(group if group is not None else dist.group.WORLD, kind)
 
 
@@ -166,8 +167,3 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(local, coef.to(local[0].dtype))
     return total
-
-
-def finite(value: torch.Tensor | float) -> bool:
-    """One host read of a norm (the step's only one): is it finite?"""
-    return math.isfinite(float(value))
