@@ -80,7 +80,7 @@ class ShardedLoader:
         with recorded_adapter_init() as adapter:
             model = prepare(net) if prepare is not None else net
         adapter_init = adapter.by_name(model)
-        self._materialise(model)
+        self._materialise(model, filled=set(names) | set(adapter_init))
         with torch.no_grad():
             _read_shards(model, self.path, names)
             for name, p in _named_tensors(model).items():
@@ -104,11 +104,12 @@ class ShardedLoader:
         fsdp.prepare_root(net, self.device)
         return net
 
-    def _materialise(self, model: nn.Module) -> None:
-        """Shard the meta model, give each rank its shards' memory, and fill the buffers no checkpoint holds."""
+    def _materialise(self, model: nn.Module, filled: set[str] | None = None) -> None:
+        """Shard the meta model, give each rank its shards' memory, and initialise what will not be `filled`
+        (by name; None: everything will be) as `from_pretrained` initialises what a checkpoint lacks."""
         fsdp.shard_model(model, self.device, self.group)
         model.to_empty(device=self.device)
-        _init_buffers(model)
+        _init_missing(model, filled)
 
 
 def local_checkpoint(model: str) -> Path:
@@ -149,10 +150,10 @@ def checkpoint_names(net: nn.Module, path: Path) -> dict[str, tuple[Path, str]]:
                 name, converted = rename_source_key(key, renamings, converters, net.base_model_prefix, wanted)
                 if name not in wanted:
                     continue  # not a tensor of this model (transformers leaves such keys out too)
-                shape = tuple(h.get_slice(key).get_shape())
-                if converted is not None and shape != tuple(wanted[name].shape):
-                    raise VopdError(f"{path}: tensor {key} needs transformers' weight conversion "
-                                    f"({converted}), which loading sharded by rows cannot do")
+                if converted is not None:  # fused, split, transposed or permuted: not a matter of rows
+                    raise VopdError(f"{path}: tensor {key} goes through transformers' weight conversion "
+                                    f"({converted}), which loading sharded by rows does not do; train this model "
+                                    "in one process")
                 out[name] = (f, key)
     missing = [n for n, _ in net.named_parameters() if n not in out]
     if missing:
@@ -255,15 +256,13 @@ class SafetensorsTable:
         return out.reshape([stop - start, *shape[1:]] if shape else [])
 
 
-def _init_buffers(model: nn.Module) -> None:
-    """Compute the buffers no checkpoint holds (rotary frequencies) by transformers' own initialisation, which
-    skips every tensor marked initialised: all parameters and persistent buffers are marked first."""
-    hf = fsdp._unwrapped(model)
-    for t in hf.state_dict(keep_vars=True).values():
-        t._is_hf_initialized = True
-    for p in hf.parameters():
-        p._is_hf_initialized = True
-    hf.initialize_weights()
+def _init_missing(model: nn.Module, filled: set[str] | None) -> None:
+    """Compute what no checkpoint holds (non-persistent buffers: rotary frequencies) by transformers' own
+    initialisation, which skips every tensor marked initialised: what will be filled is marked first."""
+    for name, t in _named_tensors(model).items():
+        if filled is None or name in filled:
+            t._is_hf_initialized = True
+    fsdp._unwrapped(model).initialize_weights()
 
 
 class _AdapterRecord:
