@@ -342,14 +342,16 @@ def lm_head(model: Any) -> Any:
 def head_fn(model: Any):
     """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU).
 
-    It calls the head's `forward` directly, without module hooks: under FSDP the loss gathers the head once and
-    applies it chunk by chunk (`fsdp.gathered_heads`), which the unit's own hooks would turn into one
-    collective per chunk."""
+    Under FSDP it calls the head's `forward` without the unit's hooks: the loss gathers the head once and applies
+    it chunk by chunk (`fsdp.gathered_heads`), which the hooks would turn into one collective per chunk."""
+    from torch.distributed.fsdp import FSDPModule
+
     head = lm_head(model)
+    call = head.forward if isinstance(head, FSDPModule) else head
 
     def apply(h: Tensor) -> Tensor:
         with _autocast(h.device):
-            return head.forward(h)
+            return call(h)
 
     return apply
 
