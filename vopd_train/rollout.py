@@ -263,9 +263,11 @@ class SeqBatch:
         return collate_vision([self.prompt_vision[i] for i in self.seq_prompt], self.family)
 
     def to(self, device: Any) -> SeqBatch:
+        """The model's inputs on `device`. The bookkeeping (`rows`, `pos`, `lengths`) stays on the host, where it
+        is read: reading it back from a GPU would wait for the GPU in every micro-batch; indexing a GPU tensor
+        with it copies it over without waiting."""
         return SeqBatch(_to(self.tokens, device), [_to(v, device) for v in self.prompt_vision], self.seq_prompt,
-                        self.rows.to(device), self.pos.to(device), self.targets.to(device), self.lengths.to(device),
-                        self.family)
+                        self.rows, self.pos, self.targets.to(device), self.lengths, self.family)
 
 
 def build_sequences(prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], seq_prompt: Sequence[int],
