@@ -219,9 +219,11 @@ TOY_PRESET: dict[str, Any] = {
     "threads": 1,
     "eval_every": 50,
     "eval_limit": 128,
-    # What keeps the crop view (the one the toy reads well) where it was while the full view trains: without it
-    # the toy lost 8.7 points of crop on synthetic:test (one process: crop 82.8-85.9 at every validation from
-    # step 50 on); with it, crop 100.0 -> 100.0 and full 25.4 -> 96.2 (docs/results/scale.md). Replay did not.
+    # What keeps the crop view (the one the toy reads well) where it was while the full view trains. Without it
+    # the crop view swings between 83 and 100 on validation as the full view trains, and where a run ends up
+    # depends on which step keep-best lands on: one process kept a step at crop 100, 2 ranks (whose float
+    # rounding differs) one at 93.0 and lost 8.7 points on synthetic:test. With it, crop stayed at 100.0 at
+    # every validation and on synthetic:test (docs/results/scale.md). Replay did not hold it.
     "crop_anchor": 0.3,
 }
 # On mined failures (a gap-report failures.jsonl) the toy also gets twice the learning rate for half the steps, so
