@@ -307,17 +307,17 @@ def test_sharded_lm_head_gives_the_replicated_heads_loss_and_gradients(tied, tin
         assert r["grads"] > 20 and r["grad_rel_err"] <= 1e-6, r
 
 
-# Set-up memory that does not shrink with more ranks (see test_setup_memory_is_a_share_of_the_model): 136 MB
+# Set-up memory that does not shrink with more ranks (see test_setup_memory_is_a_share_of_the_model): 136 MiB
 # measured on the 0.6M-parameter tiny model at 2 and 4 ranks (the processor, the data, the module trees of
 # student and teacher), plus up to ~130 MB for the one forward through the root that readies FSDP (the gathered
-# parameters of a layer and of the prefetched next one, with their all-gather buffers: 4 × 33 MB here).
-SETUP_OVERHEAD_MB = 300
+# parameters of a layer and of the prefetched next one, with their all-gather buffers: 4 × 33 MiB here).
+SETUP_OVERHEAD_MIB = 300
 
 
 @pytest.fixture(scope="module")
 def model_100m_dir(tiny_model_dir, tmp_path_factory):
     """A 105M-parameter Qwen2-VL (the tiny model's processor and vision tower, a 12-layer 768-wide language
-    model), random, saved as safetensors: 420 MB in float32."""
+    model), random, saved as safetensors: 399 MiB in float32."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -339,22 +339,22 @@ def model_100m_dir(tiny_model_dir, tmp_path_factory):
 def test_setup_memory_is_a_share_of_the_model(world, model_100m_dir, tmp_path):
     """Building the trainer under torchrun (full fine-tuning with an EMA teacher: two models' weights) takes each
     rank at most 1.3 × (2 × the fp32 model / N) of memory above what it held before, plus a fixed overhead, on a
-    model of 105M parameters (418 MB). Loading the whole model on every rank and deep-copying it for the teacher,
-    as vopd did before, took 1,042 MB per rank at 2 ranks and 920 MB at 4, over these bounds of 819 and 559.
+    model of 105M parameters (399 MiB). Loading the whole model on every rank and deep-copying it for the teacher,
+    as vopd did before, took 1,042 MiB per rank at 2 ranks and 920 MiB at 4, over these bounds of 819 and 559.
 
     The memory is the process's peak resident set above its level after imports. glibc's allocator is told to
     give large freed blocks back at once (MALLOC_MMAP_THRESHOLD_): by default it keeps FSDP's freed all-gather
-    buffers in its heap, which the process reuses but which would count here, up to 440 MB on this model."""
+    buffers in its heap, which the process reuses but which would count here, up to 440 MiB on this model."""
     path, n_params = model_100m_dir
     assert n_params >= 100e6
     cfg = distill_cfg(path, tmp_path / "out", teacher="ema", batch_size=world, result=str(tmp_path / "mem"))
     torchrun(world, "setup-memory", cfg, env={"MALLOC_MMAP_THRESHOLD_": str(2**20)})
     full_mb = n_params * 4 / 2**20
-    bound = 1.3 * 2 * full_mb / world + SETUP_OVERHEAD_MB
+    bound = 1.3 * 2 * full_mb / world + SETUP_OVERHEAD_MIB
     for r in _rank_results(tmp_path / "mem", world):
         used = (r["peak_kib"] - r["before_kib"]) / 1024
         assert r["local_params"] <= n_params / world * 1.01 + 1e5
-        assert used <= bound, f"rank set-up peak {used:.0f} MB > {bound:.0f} MB (model {full_mb:.0f} MB, {world} ranks)"
+        assert used <= bound, f"rank set-up peak {used:.0f} MiB > {bound:.0f} MiB (model {full_mb:.0f} MiB, {world} ranks)"
 
 
 def test_distill_validates_under_torchrun_as_one_process_does(tmp_path):
