@@ -24,8 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def torchrun(n: int, mode: str, config: dict, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+def torchrun(n: int, mode: str, config: dict, expect_ok: bool = True,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {}),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                            str(WORKER), mode, json.dumps(config)], env=env, capture_output=True, text=True,
@@ -93,6 +94,24 @@ def test_gumbel_max_draws_from_the_softmax():
     freq = torch.bincount(picks, minlength=5).double() / n
     expected = torch.softmax(logits.double(), -1)
     assert freq[4] == 0  # a banned token is never drawn
+    # binomial standard error at n = 20000 is at most 0.0036: allow 4 of them
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_gumbel_max_draws_from_the_tempered_softmax(temperature):
+    """At T ≠ 1 the draws follow softmax(z/T), through the options `generate` gets (a sampler, or options, that
+    dropped the temperature would follow softmax(z) instead: 0.24 away on the first token at T = 0.5)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    n = 20000
+    opts = sampling.generate_options(list(range(n)), 1, temperature)
+    assert opts["temperature"] is None and not opts["do_sample"]  # generate's own warpers must not apply it twice
+    (proc,) = opts["logits_processor"]
+    picks = proc(torch.zeros((n, 3), dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    expected = torch.softmax(logits.double() / temperature, -1)
+    untempered = torch.softmax(logits.double(), -1)
+    assert (expected - untempered).abs().max() > 0.1  # the test can tell the two apart
     # binomial standard error at n = 20000 is at most 0.0036: allow 4 of them
     assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
 
@@ -179,8 +198,9 @@ def log_of(out: Path) -> list[dict]:
 
 
 def test_distill_two_ranks_sample_and_score_like_one_process(tiny_model_dir, tmp_path):
-    """LoRA with the EMA adapter teacher, HF generate rollouts: the same tokens, the same divergences."""
-    cfg = distill_cfg(tiny_model_dir, tmp_path / "two", lora=True, teacher="ema", teacher_rate=0.5)
+    """LoRA with the EMA adapter teacher and the crop anchor (a second loss and backward per micro-batch through
+    the gathered head), HF generate rollouts: the same tokens, the same divergences and anchors."""
+    cfg = distill_cfg(tiny_model_dir, tmp_path / "two", lora=True, teacher="ema", teacher_rate=0.5, crop_anchor=0.3)
     torchrun(2, "distill", cfg)
     run_one({**cfg, "out": str(tmp_path / "one")})
     two, one = log_of(tmp_path / "two"), log_of(tmp_path / "one")
@@ -188,7 +208,9 @@ def test_distill_two_ranks_sample_and_score_like_one_process(tiny_model_dir, tmp
     for a, b in zip(two, one, strict=True):
         assert a["tokens"] == b["tokens"] and a["sequences"] == b["sequences"] == 8
         assert a["divergence"] == pytest.approx(b["divergence"], rel=1e-3)
+        assert a["anchor"] == pytest.approx(b["anchor"], rel=1e-3, abs=1e-9)
         assert a["agree"] == pytest.approx(b["agree"], abs=1e-6)
+    assert one[-1]["anchor"] > 0
 
 
 def test_distill_two_ranks_take_the_same_steps_and_resume_on_one(tiny_model_dir, tmp_path):
@@ -242,3 +264,151 @@ def test_distill_single_process_state_resumes_on_two_ranks(tiny_model_dir, tmp_p
     assert ema.keys() == got.keys()
     for k in ema:
         assert_rel_close(got[k], ema[k])
+
+
+# ------------------------------------------------------------------ sharded from the first byte
+
+
+def _rank_results(prefix: Path, n: int) -> list[dict]:
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with an LM head of its own (not tied to the input embeddings)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = False
+    head = torch.nn.Linear(model.config.text_config.hidden_size, model.config.text_config.vocab_size, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    model.lm_head = head
+    out = tmp_path_factory.mktemp("untied-vlm")
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_sharded_lm_head_gives_the_replicated_heads_loss_and_gradients(tied, tiny_model_dir, untied_model_dir,
+                                                                       tmp_path):
+    """The LM head is sharded like every other weight: the loss gathers it once and applies it chunk by chunk.
+    Two ranks scoring 5 and 13 tokens (2 and 4 chunks) get the losses of a replicated model on each rank and,
+    after FSDP's reduce-scatter, the gradients a replicated model gets by summing over ranks: every weight's,
+    the head's (and, tied, the embeddings' sharing it) included."""
+    model = tiny_model_dir if tied else untied_model_dir
+    torchrun(2, "head", {"model": str(model), "result": str(tmp_path / "head")})
+    ranks = _rank_results(tmp_path / "head", 2)
+    assert [r["tokens"] for r in ranks] == [5, 13]
+    for r in ranks:
+        assert r["head_sharded"] and r["loss"] > 0
+        assert r["loss_diff"] <= 1e-6, r
+        assert r["grads"] > 20 and r["grad_rel_err"] <= 1e-6, r
+
+
+# Set-up memory that does not shrink with more ranks (see test_setup_memory_is_a_share_of_the_model): 136 MiB
+# measured on the 0.6M-parameter tiny model at 2 and 4 ranks (the processor, the data, the module trees of
+# student and teacher), plus up to ~130 MB for the one forward through the root that readies FSDP (the gathered
+# parameters of a layer and of the prefetched next one, with their all-gather buffers: 4 × 33 MiB here).
+SETUP_OVERHEAD_MIB = 300
+
+
+@pytest.fixture(scope="module")
+def model_100m_dir(tiny_model_dir, tmp_path_factory):
+    """A 105M-parameter Qwen2-VL (the tiny model's processor and vision tower, a 12-layer 768-wide language
+    model), random, saved as safetensors: 399 MiB in float32."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 768, 3072, 12
+    text.num_attention_heads, text.num_key_value_heads = 12, 4
+    text.layer_types = ["full_attention"] * 12
+    text.rope_parameters["mrope_section"] = [8, 12, 12]  # head dim 64
+    config.vision_config.hidden_size = 768
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    out = tmp_path_factory.mktemp("vlm-100m")
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out, sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_setup_memory_is_a_share_of_the_model(world, model_100m_dir, tmp_path):
+    """Building the trainer under torchrun (full fine-tuning with an EMA teacher: two models' weights) takes each
+    rank at most 1.3 × (2 × the fp32 model / N) of memory above what it held before, plus a fixed overhead, on a
+    model of 105M parameters (399 MiB). Loading the whole model on every rank and deep-copying it for the teacher,
+    as vopd did before, took 1,042 MiB per rank at 2 ranks and 920 MiB at 4, over these bounds of 819 and 559.
+
+    The memory is the process's peak resident set above its level after imports. glibc's allocator is told to
+    give large freed blocks back at once (MALLOC_MMAP_THRESHOLD_): by default it keeps FSDP's freed all-gather
+    buffers in its heap, which the process reuses but which would count here, up to 440 MiB on this model."""
+    path, n_params = model_100m_dir
+    assert n_params >= 100e6
+    cfg = distill_cfg(path, tmp_path / "out", teacher="ema", batch_size=world, result=str(tmp_path / "mem"))
+    torchrun(world, "setup-memory", cfg, env={"MALLOC_MMAP_THRESHOLD_": str(2**20)})
+    full_mb = n_params * 4 / 2**20
+    bound = 1.3 * 2 * full_mb / world + SETUP_OVERHEAD_MIB
+    for r in _rank_results(tmp_path / "mem", world):
+        used = (r["peak_kib"] - r["before_kib"]) / 1024
+        assert r["local_params"] <= n_params / world * 1.01 + 1e5
+        assert used <= bound, f"rank set-up peak {used:.0f} MiB > {bound:.0f} MiB (model {full_mb:.0f} MiB, {world} ranks)"
+
+
+def test_distill_validates_under_torchrun_as_one_process_does(tmp_path):
+    """--eval-every under torchrun: the sharded model answers the validation questions in place (each rank its
+    share, in step: 3 batches over 2 ranks), the rows in train_log.jsonl and the kept best step equal one
+    process's, and OUT/model holds the best weights, read back from the ranks' shards (the toy model, which
+    answers crops right and full images mostly wrong, at a learning rate that moves its answers in 4 steps)."""
+    cfg = distill_cfg("toy", tmp_path / "two", lora=True, teacher="frozen", seed_engine=True, steps=4,
+                      eval_every=2, eval_limit=8, eval_batch_size=8, lr=0.05, keep_last=True)
+    torchrun(2, "distill", cfg)
+    run_one({**cfg, "out": str(tmp_path / "one")})
+    evals = [[r for r in log_of(tmp_path / d) if r.get("kind") == "eval"] for d in ("two", "one")]
+    assert [r["step"] for r in evals[0]] == [0, 2, 4]
+    keys = ("acc_full", "acc_crop", "acc_box", "n", "best")
+    assert [[r[k] for k in keys] for r in evals[0]] == [[r[k] for k in keys] for r in evals[1]]
+    assert len({(r["acc_full"], r["acc_crop"]) for r in evals[1]}) > 1  # the weights moved the answers
+    best = [json.loads((tmp_path / d / "best" / "best.json").read_text()) for d in ("two", "one")]
+    assert best[0]["step"] == best[1]["step"]
+    assert (tmp_path / "two" / "best" / "dcp").is_dir()  # each rank's shards, never gathered
+    assert best[1]["step"] != 4  # so OUT/model is not simply the last weights
+    # the best weights to 1e-5; the last ones, after 4 Adam steps at this rate (which turns float-rounding
+    # differences of near-zero gradients into whole steps), to 1e-3
+    for name, rel in (("model", 1e-5), ("model_last", 1e-3)):
+        a, b = (load_file(tmp_path / d / name / "model.safetensors") for d in ("two", "one"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_rel_close(a[k], b[k], rel)
+
+
+SHARD_ON_META = """
+import json, sys, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import AutoConfig, AutoModelForImageTextToText
+from vopd_train import fsdp
+dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
+with torch.device("meta"):
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+fsdp.shard_model(model, "cuda", dist.group.WORLD)
+print(json.dumps({n: [type(p).__name__, str(p.device), list(p.shape), list(p.to_local().shape), str(p.placements)]
+                  for n, p in model.named_parameters()}))
+"""
+
+
+def test_shard_model_lays_out_a_meta_model_over_a_fake_group(tiny_model_dir):
+    """`fsdp.shard_model(model, device, group)` is a pure layout step: on a meta-device model, over a fake process
+    group of 8 ranks (what a memory plan uses, no GPU and no peers), every parameter, the tied LM head included,
+    becomes a meta DTensor holding this rank's rows of the first dimension (rank 3: rows 3·⌈n/8⌉ onwards)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SHARD_ON_META, str(tiny_model_dir)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "model.language_model.embed_tokens.weight" in params and "lm_head.weight" not in params  # tied: one
+    for name, (kind, device, full, local, placements) in params.items():
+        assert (kind, device, placements) == ("DTensor", "meta", "(Shard(dim=0),)"), name
+        per = -(-full[0] // 8)
+        assert local == [max(0, min(per, full[0] - 3 * per)), *full[1:]], name

@@ -55,22 +55,20 @@ def deep_config(untied_config):
 
 def hand_computed(config, world: int, trainable=lambda name: True) -> tuple[int, int, int]:
     """(weights, trainable, replicated) bytes on rank 0, from a real unsharded model: FSDP2 splits each parameter's
-    first dimension with torch.chunk (rank 0 gets ceil(d0 / N) rows) and leaves the LM head whole."""
+    first dimension with torch.chunk (rank 0 gets ceil(d0 / N) rows), the LM head (a unit of its own) included, so
+    nothing is replicated."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    head = {id(p) for p in model.get_output_embeddings().parameters()}
-    weights = train = repl = 0
+    weights = train = 0
     for name, p in model.named_parameters():
-        whole = id(p) in head or world == 1
-        rows = p.shape[0] if whole else math.ceil(p.shape[0] / world)
+        rows = p.shape[0] if world == 1 else math.ceil(p.shape[0] / world)
         nbytes = rows * (p.numel() // p.shape[0]) * 4
         weights += nbytes
         train += nbytes if trainable(name) else 0
-        repl += nbytes if id(p) in head and world > 1 else 0
-    return weights, train, repl
+    return weights, train, 0
 
 
 @pytest.mark.parametrize("world", [1, 2, 8])
@@ -101,10 +99,9 @@ def hand_computed_lora(config, world: int) -> tuple[int, int]:
 
     torch.manual_seed(0)
     model = _wrap_lora(AutoModelForImageTextToText.from_config(config), cfg(lora=True))
-    head = {id(p) for p in model.get_base_model().get_output_embeddings().parameters()}
     weights = train = 0
     for _, p in model.named_parameters():
-        rows = p.shape[0] if id(p) in head else math.ceil(p.shape[0] / world)
+        rows = math.ceil(p.shape[0] / world)
         nbytes = rows * (p.numel() // p.shape[0]) * 4
         weights += nbytes
         train += nbytes if p.requires_grad else 0

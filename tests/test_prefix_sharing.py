@@ -11,6 +11,7 @@ from test_train_loop import tiny_cfg
 from tiny_fixtures import tiny_family_dir  # noqa: F401
 
 from vopd_bench.modeling import load_model
+from vopd_train import recompute
 from vopd_train.losses import chunked_divergence
 from vopd_train.prefix import SHARED_MODEL_TYPES, scored_hidden, shared_prefix_hidden, why_not_shared
 from vopd_train.rollout import Rollout, build_sequences, encode_prompts, head_fn, response_hidden
@@ -47,8 +48,12 @@ def _losses_and_grads(model, student, teacher, share: bool):
     return out, grads
 
 
+@pytest.mark.parametrize("recomputed", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"])
-def test_shared_prefix_losses_and_gradients_equal_the_plain_path(family, tiny_model_dir, tiny_family_dir):  # noqa: F811
+def test_shared_prefix_losses_and_gradients_equal_the_plain_path(family, recomputed, tiny_model_dir,
+                                                                 tiny_family_dir):  # noqa: F811
+    """`recomputed`: the shared path with activation recomputation (--gradient-checkpointing), which keeps the
+    cache and replays every layer in the backward pass, against the plain path without it."""
     model, processor = load_model(str(_model_dir(family, tiny_model_dir, tiny_family_dir)), device="cpu",
                                   dtype="float32")
     assert model.config.model_type in SHARED_MODEL_TYPES
@@ -59,6 +64,9 @@ def test_shared_prefix_losses_and_gradients_equal_the_plain_path(family, tiny_mo
     teacher = build_sequences(_prompts(processor, [(20, 30, 200), (90, 90, 9)]), responses, OWNER, 0)
 
     plain, plain_grads = _losses_and_grads(model, student, teacher, share=False)
+    if recomputed:
+        recompute.enable(model)
+        assert why_not_shared(model) is None
     shared, shared_grads = _losses_and_grads(model, student, teacher, share=True)
 
     assert shared.loss.shape == (sum(RESPONSE_LENGTHS),) and plain.loss.abs().min() > 0
@@ -175,9 +183,60 @@ def test_three_steps_end_with_the_same_weights(tiny_model_dir, tmp_path, lora):
     assert moved > 0
 
 
-def test_gradient_checkpointing_turns_sharing_off(tiny_model_dir):
-    """Checkpointed layers run without a cache in training, so there is no prefix to share."""
+def test_transformers_gradient_checkpointing_turns_sharing_off(tiny_model_dir):
+    """transformers' own checkpointed layers run without a cache in training, so there is no prefix to share
+    (vopd's --gradient-checkpointing uses `recompute`, which keeps it)."""
     model, _ = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     assert why_not_shared(model) is None
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert "gradient checkpointing" in why_not_shared(model)
+
+
+def test_recomputation_frees_the_layers_activations(tiny_model_dir):
+    """With recomputation a layer's forward keeps only its inputs: the autograd graph saves far fewer tensors,
+    and the backward pass runs every layer a second time."""
+    model, processor = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    model.train()
+    batch = build_sequences(_prompts(processor, [(200, 30, 30), (30, 200, 30)]), [[40] * n for n in RESPONSE_LENGTHS],
+                            OWNER, 0)
+    layer = model.model.language_model.layers[0]
+    calls = []
+    layer.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def saved_tensors(m):
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = scored_hidden(m, batch, True)
+        h.sum().backward()
+        return count[0]
+
+    stored = saved_tensors(model)
+    assert len(calls) == 2  # prefix and responses
+    recompute.enable(model)
+    kept = saved_tensors(model)
+    # the hook sees the forward's own saves; the layers' inner saves happen only in the replay
+    assert kept < stored / 2, (kept, stored)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_three_steps_with_recomputation_end_with_the_same_weights(tiny_model_dir, tmp_path, lora):
+    """--gradient-checkpointing with prefix sharing takes the same steps as neither (the teacher copy of full
+    fine-tuning is a deep copy of a recomputing model: it must run its own weights)."""
+    runs = {}
+    for checkpointing in (True, False):
+        cfg = tiny_cfg(tiny_model_dir, tmp_path / f"run-{checkpointing}", steps=3, n_rollouts=4, micro_batch_size=8,
+                       lora=lora, lora_rank=4, prefix_sharing=checkpointing, gradient_checkpointing=checkpointing,
+                       teacher="ema", teacher_rate=0.5)
+        d = Distiller(cfg, engine=FixedEngine())
+        logs = [d.train_step(k) for k in range(3)]
+        runs[checkpointing] = ([s.divergence for s in logs],
+                               {n: p.detach().clone() for n, p in d.model.named_parameters() if p.requires_grad})
+    (div_on, w_on), (div_off, w_off) = runs[True], runs[False]
+    assert div_off[0] > 0
+    torch.testing.assert_close(torch.tensor(div_on), torch.tensor(div_off), rtol=1e-4, atol=0)
+    for name, want in w_off.items():
+        torch.testing.assert_close(w_on[name], want, rtol=1e-4, atol=1e-4)

@@ -205,16 +205,16 @@ def test_replay_mixes_a_fixed_share_of_both_right_cases(tiny_model_dir, tmp_path
     assert replayed == {f"synthetic:train/{i}" for i in ("train-00006", "train-00007", "train-00008", "train-00009")}
 
 
-def test_the_toy_preset_on_mined_failures_keeps_the_crop_view(tmp_path):
-    from vopd_train.config import TOY_FAILURES_PRESET, resolve
+def test_the_toy_preset_keeps_the_crop_view(tmp_path):
+    from vopd_train.config import TOY_PRESET, resolve
 
     mined = write_mined(tmp_path / "mined", {"failures.jsonl": range(2)})
     cfg, preset = resolve("toy", {"data": str(mined), "out": "o"})
-    assert cfg.crop_anchor == TOY_FAILURES_PRESET["crop_anchor"] > 0 and preset["crop_anchor"] == cfg.crop_anchor
+    assert cfg.crop_anchor == TOY_PRESET["crop_anchor"] > 0 and preset["crop_anchor"] == cfg.crop_anchor
     assert cfg.eval_every and cfg.keep_best == "mean_full_crop"  # the toy is watched, and keeps its best
     assert (cfg.lr, cfg.steps) == (2e-3, 150)  # the 20-minute loop: twice the rate, half the steps
     on_train = resolve("toy", {"data": "synthetic:train", "out": "o"})[0]
-    assert (on_train.crop_anchor, on_train.lr, on_train.steps) == (0.0, 1e-3, 300)
+    assert (on_train.crop_anchor, on_train.lr, on_train.steps) == (0.3, 1e-3, 300)
     assert resolve("toy", {"data": str(mined), "out": "o", "crop_anchor": 0.0})[0].crop_anchor == 0.0  # a flag wins
     assert resolve("/a/model", {"data": str(mined), "out": "o"})[0].crop_anchor == 0.0
 

@@ -311,6 +311,26 @@ def test_sleep_mode_wakes_what_each_call_needs(fake_vllm_module, tiny, prompts, 
                           ("sleep", 1)]
 
 
+def test_cached_gpu_memory_is_freed_before_the_preflight_and_each_wake_up(fake_vllm_module, tiny, prompts,
+                                                                          tiny_model_dir, monkeypatch):
+    """torch keeps freed GPU blocks cached: before vLLM's memory is checked and before it wakes into it, they go
+    back to the driver (on the GPU's own calls, recorded here in order)."""
+    from vopd_train import rollout_vllm
+
+    _, processor = tiny
+    llm = ScriptedLLM(weights_model=RecordingModel())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.events.append(("empty_cache",)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (llm.events.append(("mem_get_info",)), (1, 2))[1])
+    assert rollout_vllm._gpu_memory() == (1, 2)
+    engine = VLLMRolloutEngine(str(tiny_model_dir), processor, llm=llm, enable_sleep_mode=True)
+    settings = SamplingSettings(n=1, max_new_tokens=2)
+    engine.generate(prompts[:1], settings)
+    engine.generate(prompts[:1], settings)
+    assert llm.events == [("empty_cache",), ("mem_get_info",), ("sleep", 1),
+                          ("empty_cache",), ("wake_up", ["weights", "kv_cache"]), ("sleep", 1)]
+
+
 # ---------------------------------------------------------------------- weight sync
 
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from vopd_bench.errors import VopdError
 
-# Ranks of a gap-report finish their shares at different times; the others wait at a barrier meanwhile.
+# Ranks of a gap-report finish their shares at different times; the others wait at a barrier meanwhile. A
+# training run keeps its ranks in step and sets its own, much shorter timeout (`vopd distill --dist-timeout`).
 DEFAULT_TIMEOUT = timedelta(hours=6)
 
 
@@ -61,10 +62,11 @@ def place_from_env(env: dict[str, str] | None = None) -> Place:
     return Place(rank, world, local, device)
 
 
-def init(backend: str | None = None) -> Place:
+def init(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEOUT) -> Place:
     """Join the torchrun job (once per process) and return this process's place.
 
     A single process returns rank 0 of 1 and starts nothing. `backend` defaults to nccl on GPUs and gloo on CPUs.
+    `timeout`: how long a collective waits for the other ranks before it fails.
     """
     place = place_from_env()
     if not place.enabled:
@@ -73,7 +75,7 @@ def init(backend: str | None = None) -> Place:
         chosen = backend or ("nccl" if place.device.startswith("cuda") else "gloo")
         if place.device.startswith("cuda"):
             torch.cuda.set_device(place.local_rank)
-        kwargs: dict[str, Any] = {"backend": chosen, "timeout": DEFAULT_TIMEOUT}
+        kwargs: dict[str, Any] = {"backend": chosen, "timeout": timeout}
         if chosen == "nccl":
             kwargs["device_id"] = torch.device(place.device)
         dist.init_process_group(**kwargs)

@@ -53,18 +53,9 @@ def pick_device_dtype(device: str | None = None, dtype: str | None = None):
 
 def load_model(model: str, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
     """Load (model, processor) for inference. Raises VopdError with one readable line on any failure."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForImageTextToText
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:  # the hub client logs every retry; the one-line error below says what matters
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    quiet_loading()
     path = resolve_model_path(model)
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or path.endswith("/") or local.exists() or path.count("/") > 1
@@ -72,18 +63,48 @@ def load_model(model: str, *, device: str | None = None, dtype: str | None = Non
         what = "has no config.json" if local.is_dir() else "does not exist"
         raise VopdError(f"model path {path!r} {what}")
     device, torch_dtype = pick_device_dtype(device, dtype)
+    processor = load_processor(path, model, trust_remote_code=trust_remote_code, looks_local=looks_local)
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         net = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except ImportError as e:  # a processor that needs an optional package (e.g. SmolVLM's num2words)
+    except ImportError as e:
         raise VopdError(f"cannot load model {model!r}: {one_line(e)}") from None
     except (OSError, ValueError, KeyError) as e:
         where = "" if looks_local else " (not a local folder, and not found on the hub or in its cache)"
         raise VopdError(f"cannot load model {model!r}{where}: {one_line(e)}") from None
     net.to(device).eval()
+    return net, processor
+
+
+def quiet_loading() -> None:
+    """No progress bars and no warnings from transformers and the hub client while loading: the one-line errors
+    raised here say what matters."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:  # the hub client logs every retry
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def load_processor(path: str, model: str, *, trust_remote_code: bool = False, looks_local: bool = True):
+    """The processor of the checkpoint at `path` (`model` names it in errors), its tokenizer padding left."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ImportError as e:  # a processor that needs an optional package (e.g. SmolVLM's num2words)
+        raise VopdError(f"cannot load model {model!r}: {one_line(e)}") from None
+    except (OSError, ValueError, KeyError) as e:
+        where = "" if looks_local else " (not a local folder, and not found on the hub or in its cache)"
+        raise VopdError(f"cannot load model {model!r}{where}: {one_line(e)}") from None
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # batched generation continues every row from its own end
-    return net, processor
+    return processor
 
 
 def chat_text(processor: Any, prompt: str, add_generation_prompt: bool = True, n_images: int = 1,

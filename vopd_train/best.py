@@ -3,6 +3,7 @@
     OUT/best/
         best.json            {"step", "criterion", "score", "metrics"} of the weights beside it
         student.safetensors  the trainable tensors at that step (with LoRA: the adapter only)
+        dcp/                 instead, under torchrun: every rank's shards of them (`dcp_state.save_trainable`)
 
 A later evaluation replaces it only when it scores strictly higher, so among equal scores the earliest step wins
 (fewer updates away from the starting model). The folder is replaced atomically; `best.json` always describes
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vopd_bench import distributed
 from vopd_bench.errors import VopdError
 
 BEST = "best"
@@ -82,16 +84,19 @@ class BestKeeper:
 
     def clear(self) -> None:
         """A fresh run: forget a best left by an earlier run in the same folder."""
-        for p in (self.dir, self.dir.with_name(BEST + ".tmp")):
-            if p.exists():
-                shutil.rmtree(p)
+        if distributed.rank() == 0:
+            for p in (self.dir, self.dir.with_name(BEST + ".tmp")):
+                if p.exists():
+                    shutil.rmtree(p)
+        distributed.barrier()
         self.best = None
 
     def load(self) -> None:
         """A resumed run: the best-so-far on disk (none if no evaluation has won yet)."""
         path, tmp = self.dir / "best.json", self.dir.with_name(BEST + ".tmp")
-        if not path.is_file() and (tmp / "best.json").is_file():  # killed between the two renames of `offer`
-            tmp.rename(self.dir)
+        if distributed.rank() == 0 and not path.is_file() and (tmp / "best.json").is_file():
+            tmp.rename(self.dir)  # killed between the two renames of `offer`
+        distributed.barrier()
         if not path.is_file():
             self.best = None
             return
@@ -101,23 +106,40 @@ class BestKeeper:
                             "--keep-best to resume, or --restart")
         self.best = BestRecord(**body)
 
-    def offer(self, step: int, metrics: dict[str, Any], tensors: Callable[[], dict[str, torch.Tensor]]) -> bool:
-        """Keep `tensors()` (called only when needed) if this evaluation beats the best so far."""
+    def offer(self, step: int, metrics: dict[str, Any], tensors: Callable[[], dict[str, torch.Tensor]] | None = None,
+              *, write: Callable[[Path], None] | None = None) -> bool:
+        """Keep the weights if this evaluation beats the best so far: `tensors()` (called only when needed) saved
+        as student.safetensors, or, under torchrun, `write(folder)`, which every rank calls (each writes its
+        shards). Every rank of a torchrun job calls `offer` with the same metrics; rank 0 moves the folders."""
         s = score(metrics, self.criterion)
         if not is_better(s, self.best):
             return False
         record = BestRecord(step, self.criterion, s, dict(metrics))
+        main = distributed.rank() == 0
         tmp = self.dir.with_name(BEST + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors().items()}, tmp / "student.safetensors")
-        (tmp / "best.json").write_text(json.dumps(asdict(record), indent=1), encoding="utf-8")
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        tmp.rename(self.dir)
+        if main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        if write is not None:
+            write(tmp)
+        elif main and tensors is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors().items()}, tmp / "student.safetensors")
+        distributed.barrier()
+        if main:
+            (tmp / "best.json").write_text(json.dumps(asdict(record), indent=1), encoding="utf-8")
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            tmp.rename(self.dir)
+        distributed.barrier()
         self.best = record
         return True
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The kept weights as full tensors (saved by one process)."""
         return load_file(self.dir / "student.safetensors")
+
+    def sharded(self) -> bool:
+        """Whether the kept weights are a torchrun run's shards (`write`) rather than student.safetensors."""
+        return not (self.dir / "student.safetensors").is_file()

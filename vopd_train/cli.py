@@ -176,7 +176,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Optimiser": ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "seed"),
     "Evaluation": ("keep_best", "keep_last", "focus"),  # and eval_*, remeasure* by prefix
     "Scale": ("device", "threads", "micro_batch_size", "loss_chunk_size", "gradient_checkpointing",
-              "prefix_sharing"),
+              "prefix_sharing", "dist_timeout", "profile"),
     "vLLM": (),  # vllm_* by prefix
     "Output": ("out", "save_every", "restart", "quiet", "log_every"),
 }

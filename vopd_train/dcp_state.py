@@ -147,3 +147,28 @@ def load_single_process_state(state: dict[str, Any], *, model: Any, params: list
     opt["state"] = {i: {k: shard_like(v, params[i]) if isinstance(v, Tensor) and v.dim() else v
                         for k, v in st.items()} for i, st in opt["state"].items()}
     optimizer.load_state_dict(opt)
+
+
+def save_trainable(folder: Path, model: Any) -> None:
+    """Collective: every rank writes its shards of the trainable weights to `folder`/dcp (the best weights of a
+    torchrun run, `best.py`)."""
+    flat = _untied(get_model_state_dict(model, options=TRAINABLE))
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder / "dcp"), save_distributed=distributed.active()))
+
+
+def load_trainable(folder: Path, model: Any) -> None:
+    """Fill the trainable weights from `save_trainable`'s folder, resharded to this job (or one process)."""
+    flat = _untied(get_model_state_dict(model, options=TRAINABLE))
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder / "dcp")))
+    set_model_state_dict(model, flat, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def load_full_trainable(model: Any, tensors: dict[str, Tensor]) -> None:
+    """Fill a sharded model's trainable weights from full tensors (a single process's), each rank its shards."""
+    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(live) != set(tensors):
+        raise VopdError("the saved student does not match this model's trainable parameters; use --restart")
+    with torch.no_grad():
+        for n, p in live.items():
+            p.copy_(shard_like(tensors[n], p))
+

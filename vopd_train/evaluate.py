@@ -5,6 +5,9 @@ view where there are boxes) with greedy decoding, through the `hf` backend wrapp
 itself: no reload and no second copy of the weights. The questions are the same at every evaluation (the first
 `--eval-limit` samples of each benchmark), so the numbers of two steps are directly comparable.
 
+Under torchrun the sharded model is evaluated in place too: each rank asks its share of the questions and the
+answers are pooled (`Validator.evaluate`).
+
 Views and prompts are built as gap-report builds them, with gap-report's default view settings (the same as the
 final re-measure), so the curves predict `before_after.csv`.
 """
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vopd_bench import views
+from vopd_bench import distributed, views
 from vopd_bench.backends import GenerationConfig, Request
 from vopd_bench.backends.hf import HFBackend
 from vopd_bench.benchmarks.spec import BenchmarkSpec
@@ -85,21 +88,37 @@ class Validator:
         self.n_samples = sum(len(samples) for _, samples in self.sets)
 
     def evaluate(self, model: Any, processor: Any) -> EvalResult:
-        """Greedy answers of `model` as it is now; leaves it in the train/eval mode it was in."""
-        backend = HFBackend.from_loaded(model, processor, name="training-model", batch_size=self.batch_size)
+        """Greedy answers of `model` as it is now; leaves it in the train/eval mode it was in.
+
+        Under torchrun (an FSDP-sharded model) every rank asks its share of the batches, dealt round-robin, so
+        each batch is the one a single process would send; the ranks decode in step (every forward gathers the
+        model's shards), a rank with one batch fewer runs one throw-away batch to keep in step, and the answers
+        are pooled: every rank returns the same result, the one a single process would."""
+        lockstep = distributed.active()
+        backend = HFBackend.from_loaded(model, processor, name="training-model", batch_size=self.batch_size,
+                                        lockstep=lockstep)
+        items = list(self._requests())
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = batches[rank::world]
+        rounds = distributed.all_reduce_max(len(mine), next(model.parameters()).device) if lockstep else len(mine)
         outcomes: dict[str, dict[str, bool]] = {}
         was_training = model.training
         model.eval()
         try:
-            batch: list[tuple[str, str, Request, Sample, BenchmarkSpec]] = []
-            for item in self._requests():
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    self._ask(backend, batch, outcomes)
-                    batch = []
-            self._ask(backend, batch, outcomes)
+            for k in range(rounds):
+                if k < len(mine):
+                    self._ask(backend, mine[k], outcomes)
+                else:  # keep in step with the ranks that have one more batch; the answer is not used
+                    backend.generate([batches[0][0][2]], self.gen)
         finally:
             model.train(was_training)
+        if lockstep:
+            pooled: dict[str, dict[str, bool]] = {}
+            for part in distributed.all_gather_object(outcomes):
+                for key, views in part.items():
+                    pooled.setdefault(key, {}).update(views)
+            outcomes = pooled
         return summarise(outcomes, self.n_samples)
 
     def _requests(self) -> Iterator[tuple[str, str, Request, Sample, BenchmarkSpec]]:

@@ -21,8 +21,8 @@ Where each row comes from:
   its KV cache, and with `--vllm-sleep-mode` gives it all back while the trainer trains.
 - **Weight sync** (vLLM): today every parameter is gathered whole, in its dtype, at once (LoRA: the merged adapted
   layers); with a `sync_bucket_mb` setting only one bucket is.
-- **Set-up**: today every rank loads the whole model (and the teacher's copy) before sharding; once `vopd_train.fsdp`
-  says it loads sharded (`LOADS_SHARDED`), set-up holds no more than the shards.
+- **Set-up**: where `vopd_train.fsdp` says the trainer loads straight into the shards (`LOADS_SHARDED`), set-up
+  holds no more than the shards; otherwise every rank loads the whole model (and the teacher's copy) first.
 
 Every phase adds a fixed allowance for the CUDA context, NCCL buffers and allocator slack.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,10 +122,10 @@ def build_on_meta(model_config: Any, cfg: DistillConfig) -> Any:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise VopdError(f"cannot build {getattr(model_config, 'model_type', '?')} from its config: "
                         f"{' '.join(str(e).split())[:200]}") from None
-    with warnings.catch_warnings():  # transformers' deprecation of the name the trainer still calls
-        warnings.simplefilter("ignore", FutureWarning)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        from vopd_train import recompute
+
+        recompute.enable(model)
     if cfg.lora:
         model = _wrap_lora(model, cfg)
     model.train()

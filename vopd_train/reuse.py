@@ -169,6 +169,10 @@ def _why_not_model(model: Any) -> str | None:
     reason = why_not_shared(model)
     if reason is not None:
         return reason
+    from vopd_train import recompute
+
+    if recompute.enabled(model):
+        return "--gradient-checkpointing recomputes the layers (the reused prefill is proven without it)"
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         return "the model has active dropout (rollouts run without it)"
     text = _config(model).get_text_config()

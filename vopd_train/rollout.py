@@ -319,9 +319,11 @@ class SeqBatch:
         return collate_vision([self.prompt_vision[i] for i in self.seq_prompt], self.family)
 
     def to(self, device: Any) -> SeqBatch:
+        """The model's inputs on `device`. The bookkeeping (`rows`, `pos`, `lengths`) stays on the host, where it
+        is read: reading it back from a GPU would wait for the GPU in every micro-batch; indexing a GPU tensor
+        with it copies it over without waiting."""
         return SeqBatch(_to(self.tokens, device), [_to(v, device) for v in self.prompt_vision], self.seq_prompt,
-                        self.rows.to(device), self.pos.to(device), self.targets.to(device), self.lengths.to(device),
-                        self.family)
+                        self.rows, self.pos, self.targets.to(device), self.lengths, self.family)
 
 
 def build_sequences(prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], seq_prompt: Sequence[int],
@@ -396,12 +398,18 @@ def lm_head(model: Any) -> Any:
 
 
 def head_fn(model: Any):
-    """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU)."""
+    """The LM head as a function of hidden states, under the same autocast as the forward (bf16 on a GPU).
+
+    Under FSDP it calls the head's `forward` without the unit's hooks: the loss gathers the head once and applies
+    it chunk by chunk (`fsdp.gathered_heads`), which the hooks would turn into one collective per chunk."""
+    from torch.distributed.fsdp import FSDPModule
+
     head = lm_head(model)
+    call = head.forward if isinstance(head, FSDPModule) else head
 
     def apply(h: Tensor) -> Tensor:
         with _autocast(h.device):
-            return head(h)
+            return call(h)
 
     return apply
 

@@ -197,6 +197,7 @@ class VLLMRolloutEngine:
     def _wake(self, *tags: str) -> None:
         asleep = [t for t in tags if t in self._asleep]
         if asleep and self._llm is not None:
+            free_cached_gpu_memory()  # what the trainer freed but torch still caches is what vLLM wakes into
             awake = self._llm.wake_up(tags=asleep)
             self._asleep -= set(asleep)
             if not self._asleep and awake is False:  # vLLM answers whether the engine is fully awake
@@ -258,8 +259,15 @@ def check_free_gpu_memory(share: float, free: int | None, total: int | None) -> 
 def _gpu_memory() -> tuple[int | None, int | None]:
     if not torch.cuda.is_available():
         return None, None
+    free_cached_gpu_memory()  # memory torch caches but no tensor holds is free for vLLM: count it as free
     free, total = torch.cuda.mem_get_info()
     return int(free), int(total)
+
+
+def free_cached_gpu_memory() -> None:
+    """Give the blocks torch's allocator caches back to the driver, so another allocator (vLLM's) can have them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +48,11 @@ class Teacher:
         if tensors:
             raise ValueError(f"the {self.kind} teacher keeps no state")
 
+    def network(self) -> Any:
+        """The model whose hidden states and LM head this teacher uses (under FSDP the trainer gathers its head
+        for the loss)."""
+        return self._model()
+
     def _model(self) -> Any:
         raise NotImplementedError
 
@@ -66,11 +71,14 @@ class CurrentTeacher(Teacher):
 
 
 class CopyTeacher(Teacher):
-    """Full fine-tuning: a frozen copy of the starting weights, optionally tracking the student by EMA."""
+    """Full fine-tuning: a frozen copy of the starting weights, optionally tracking the student by EMA.
 
-    def __init__(self, student: Any, kind: str, rate: float):
+    `copy` makes the copy: a deep copy by default; under FSDP, a model in the student's sharded layout filled from
+    the student's own shards (`sharded_load.ShardedLoader.copy_of`), so no rank ever holds a whole copy."""
+
+    def __init__(self, student: Any, kind: str, rate: float, copy: Callable[[Any], Any] | None = None):
         self.kind, self.student, self.rate = kind, student, rate
-        self.model = copy.deepcopy(student).eval()
+        self.model = (copy or _deep_copy)(student).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         if kind == "trust-region":
@@ -212,13 +220,19 @@ def _switched_off(layers: list) -> Iterator[None]:
             m.enable_adapters(True)
 
 
-def make_teacher(kind: str, student: Any, rate: float, lora: bool) -> Teacher:
-    """Build the teacher for a student that has just been loaded (before any update)."""
+def make_teacher(kind: str, student: Any, rate: float, lora: bool,
+                 copy: Callable[[Any], Any] | None = None) -> Teacher:
+    """Build the teacher for a student that has just been loaded (before any update). `copy` copies the student
+    where the teacher needs weights of its own (full fine-tuning, frozen or EMA); a deep copy by default."""
     if kind == "current":
         return CurrentTeacher(student)
     if lora:
         return AdapterEMATeacher(student, rate) if kind == "ema" else AdapterOffTeacher(student, kind, rate)
-    return CopyTeacher(student, kind, rate)
+    return CopyTeacher(student, kind, rate, copy)
+
+
+def _deep_copy(student: Any) -> Any:
+    return copy.deepcopy(student)
 
 
 def _copy_into(dest: dict[str, Tensor], src: dict[str, Tensor], what: str) -> None:

@@ -23,8 +23,9 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,8 @@ from vopd_bench import distributed
 from vopd_bench.context import for_model as prompt_length_check
 from vopd_bench.errors import SampleError, VopdError
 from vopd_bench.families import family_of
-from vopd_bench.modeling import say_once
 from vopd_bench.views import ViewConfig
-from vopd_train import checkpoint, dcp_state
+from vopd_train import checkpoint, dcp_state, fsdp, recompute
 from vopd_train.best import BestKeeper, BestRecord, best_summary
 from vopd_train.config import NOT_TRAINING, DistillConfig, save_yaml
 from vopd_train.data import PromptSet, batch_indices, load_prompts, replay_count, replay_source
@@ -78,9 +78,9 @@ class StepStats:
     skipped: int
     is_weight: float | None
     t_rollout: float
-    t_teacher: float
-    t_student: float
-    t_other: float
+    t_teacher: float | None  # None on a GPU without --profile (timing the phases needs host syncs)
+    t_student: float | None
+    t_other: float | None
     t_step: float
     anchor: float | None = None  # the crop anchor (KL(start ‖ student) on the crop), under the reduction's weights
 
@@ -107,14 +107,14 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, engine: RolloutEngine | None = None,
                  on_step: Callable[[StepStats], None] | None = None, preset: dict | None = None,
                  on_eval: Callable[[dict], None] | None = None, on_note: Callable[[str], None] | None = None):
-        from vopd_bench.modeling import load_model, pick_device_dtype
+        from vopd_bench.modeling import pick_device_dtype
 
         self.cfg = cfg.validate()
         self._plotted_at = time.perf_counter()  # the curves are first drawn PLOT_EVERY_S in, or at the end
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one rank per device, the global batch split over ranks, FSDP2 over the model.
-        self.place = distributed.init()
+        self.place = distributed.init(timeout=timedelta(minutes=cfg.dist_timeout))
         if self.place.enabled and cfg.batch_size < self.place.world_size:
             raise VopdError(f"--batch-size {cfg.batch_size} is smaller than the {self.place.world_size} ranks: "
                             "every rank needs at least one prompt per step")
@@ -140,28 +140,12 @@ class Distiller:
         self.on_eval = on_eval
 
         torch.manual_seed(cfg.seed)
-        model, self.processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
-                                           trust_remote_code=cfg.trust_remote_code)
+        model, self.processor, copy = self._load_student()
         self.prompt_length = prompt_length_check(model.config, self.processor)  # over-long prompts are skipped
-        if (kernels := family_of(model.config).training_kernels) is not None:
-            kernels(model)  # same arithmetic, faster kernels (vopd_bench.families)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if cfg.lora:
-            model = _wrap_lora(model, cfg)
         model.train()
         self.model = model
-        teacher = None
-        if self.place.enabled:
-            from vopd_train import fsdp
-
-            if not cfg.lora and cfg.teacher != "current":  # a copy of the starting weights, taken before sharding
-                teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
-                fsdp.shard_model(teacher.model, self.device)
-            fsdp.shard_model(model, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.teacher: Teacher = teacher or make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora)
+        self.teacher: Teacher = make_teacher(cfg.teacher, model, cfg.teacher_rate, cfg.lora, copy)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -181,7 +165,7 @@ class Distiller:
             if self.teacher.kind in ("frozen", "trust-region"):  # its hidden states are the starting model's
                 self.anchor_ref = self.teacher
             else:
-                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora)
+                self.anchor_ref = make_teacher("frozen", model, 0.0, cfg.lora, copy)
                 if not cfg.lora and on_note is not None:
                     on_note("crop anchor: keeping a frozen copy of the starting weights (full fine-tuning with a "
                             f"{cfg.teacher} teacher); --teacher frozen or --lora would need none")
@@ -196,6 +180,37 @@ class Distiller:
                 self.best.clear()
         if self.step:  # an engine with its own copy of the weights (vLLM) still holds the starting ones
             self.engine.sync_weights(self.model)
+
+    def _load_student(self) -> tuple[Any, Any, Callable[[Any], Any] | None]:
+        """(model, processor, copy): the student ready to train, and how a teacher copies it (None: a deep copy).
+
+        Under torchrun the model is sharded from the first byte (`sharded_load`): built on the meta device,
+        sharded, and each rank reads only its rows of the checkpoint; a teacher's copy is filled from the
+        student's shards. Activation recomputation and LoRA are applied before the weights are read."""
+        cfg = self.cfg
+
+        def kernels(model: Any) -> Any:
+            if (swap := family_of(model.config).training_kernels) is not None:
+                swap(model)  # same arithmetic, faster kernels (vopd_bench.families)
+            return model
+
+        def prepare(model: Any) -> Any:
+            kernels(model)
+            if cfg.gradient_checkpointing:
+                recompute.enable(model)
+            return _wrap_lora(model, cfg) if cfg.lora else model
+
+        if self.place.enabled:
+            from vopd_train.sharded_load import ShardedLoader
+
+            loader = ShardedLoader(cfg.model, self.device, cfg.dtype, cfg.trust_remote_code)
+            model, processor = loader.student(prepare)
+            return model, processor, lambda student: kernels(loader.copy_of(student))  # the teacher's kernels too
+        from vopd_bench.modeling import load_model
+
+        model, processor = load_model(cfg.model, device=self.device, dtype=cfg.dtype,
+                                      trust_remote_code=cfg.trust_remote_code)
+        return prepare(model), processor, None
 
     # ------------------------------------------------------------------ state
 
@@ -270,15 +285,6 @@ class Distiller:
         cfg = self.cfg
         if cfg.eval_every is None:
             return None
-        if self.place.enabled:
-            # every rank would have to generate in step with the sharded model, and the best weights are sharded
-            if "eval_every" in self.preset:
-                say_once("eval-torchrun", "the toy preset's periodic validation (--eval-every) is off under "
-                         "torchrun: validation of an FSDP-sharded model is not implemented yet; OUT/model holds "
-                         "the last weights")
-                return None
-            raise VopdError("--eval-every is not available under torchrun yet (validation of an FSDP-sharded "
-                            "model is not implemented); drop it, or run gap-report on saved checkpoints")
         remeasured = held_out_benchmarks(self.data.kind, self.data.benchmarks, cfg.remeasure_benchmarks)
         benches = validation_benchmarks(self.data.benchmarks, cfg.eval_benchmarks, remeasured)
         if not benches:
@@ -324,8 +330,7 @@ class Distiller:
                 # saved after every evaluation too, so a resumed run holds the same best-so-far (see best.py)
                 if evaluated or self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_state()
-        # under torchrun there is no validation (see _validator): the last weights, gathered on rank 0
-        model_dir = self._save_final_sharded() if self.place.enabled else self._save_model()
+        model_dir = self._save_model()
         if not main:
             return TrainResult(self.out, model_dir, self.step, [], time.perf_counter() - t0)
         if self.best is not None and self.best.best is not None:  # which step won, and why
@@ -337,12 +342,14 @@ class Distiller:
                            self.best.best if self.best is not None else None)
 
     def evaluate(self, log: Any) -> dict:
-        """Validate the live model, log the result, and keep its weights if they are the best so far."""
+        """Validate the live model, log the result, and keep its weights if they are the best so far. Under
+        torchrun every rank takes part (each asks its share of the questions); rank 0 logs."""
         t = time.perf_counter()
         metrics = self.validator.evaluate(self.model, self.processor).metrics()
-        won = self.best is not None and self.best.offer(self.step, metrics,
-                                                        lambda: checkpoint.trainable_tensors(self.model))
+        won = self.best is not None and self._offer_best(metrics)
         row = {"step": self.step, "kind": "eval", **metrics, "best": won, "t_eval": time.perf_counter() - t}
+        if log is None:  # a rank other than 0
+            return row
         log.write(json.dumps(row) + "\n")
         log.flush()
         if self.on_eval is not None:
@@ -350,6 +357,24 @@ class Distiller:
         if time.perf_counter() - self._plotted_at >= PLOT_EVERY_S:  # watchable while the run goes on
             self._plot(*split_log(read_log(self.out / LOG_FILE)))
         return row
+
+    def _offer_best(self, metrics: dict) -> bool:
+        """Offer the live weights to the best keeper: full tensors in one process, each rank's shards under
+        torchrun (no rank gathers them)."""
+        assert self.best is not None
+        if self.place.enabled:
+            return self.best.offer(self.step, metrics, write=lambda folder: dcp_state.save_trainable(folder, self.model))
+        return self.best.offer(self.step, metrics, lambda: checkpoint.trainable_tensors(self.model))
+
+    def _load_best(self) -> None:
+        """Put the kept best weights back into the live model, whoever saved them (one process or torchrun)."""
+        assert self.best is not None
+        if self.best.sharded():
+            dcp_state.load_trainable(self.best.dir, self.model)
+        elif self.place.enabled:
+            dcp_state.load_full_trainable(self.model, self.best.tensors())
+        else:
+            checkpoint.load_trainable(self.model, self.best.tensors())
 
     def _plot(self, history: list[dict], evals: list[dict]) -> None:
         self._plotted_at = time.perf_counter()
@@ -361,6 +386,8 @@ class Distiller:
 
     def _save_model(self) -> Path:
         """OUT/model: the best evaluated weights (the last without selection); OUT/model_last on request."""
+        if self.place.enabled:
+            return self._save_model_sharded()
         best = self.best.best if self.best is not None else None
         last_dir = self.out / "model_last"
         if best is None or best.step == self.step:
@@ -375,30 +402,56 @@ class Distiller:
             else:
                 self.model.save_pretrained(last_dir, safe_serialization=True)
                 self.processor.save_pretrained(last_dir)
-        checkpoint.load_trainable(self.model, self.best.tensors())
+        self._load_best()
         model_dir = checkpoint.save_final(self.model, self.processor, self.out, self.cfg.lora)
         if self.cfg.keep_last and self.cfg.lora:
             checkpoint.merge_lora(self.cfg.model, self.out / "adapter_last", last_dir)
         return model_dir
 
-    def _save_final_sharded(self) -> Path:
-        """Gather the full weights onto rank 0's CPU, load them into a fresh copy of the model there, and write
-        OUT/model (and OUT/adapter) from it; the other ranks wait."""
+    def _save_model_sharded(self) -> Path:
+        """`_save_model` under torchrun: the same folders, written by rank 0 (`_write_sharded`)."""
+        best = self.best.best if self.best is not None else None
+        model_dir, last_dir = self.out / "model", self.out / "model_last"
+        if best is None or best.step == self.step:
+            self._write_sharded(model_dir, self.out / "adapter")
+            if self.cfg.keep_last and self.place.is_main:
+                shutil.rmtree(last_dir, ignore_errors=True)
+                shutil.copytree(model_dir, last_dir)
+            distributed.barrier()
+            return model_dir
+        if self.cfg.keep_last:
+            self._write_sharded(last_dir, self.out / "adapter_last")
+        self._load_best()
+        self._write_sharded(model_dir, self.out / "adapter")
+        return model_dir
+
+    def _write_sharded(self, model_dir: Path, adapter_dir: Path) -> None:
+        """Collective: write the live weights as a `save_pretrained` folder from rank 0, the others waiting.
+
+        LoRA: only the adapter is gathered (it is all that trained); rank 0 saves it and merges it into the base
+        read from disk, as `checkpoint.merge_lora` does. Full fine-tuning: the weights are gathered onto rank
+        0's CPU one tensor at a time and written through the architecture built on the meta device (no second
+        copy of the model)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from vopd_bench.modeling import load_model
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        model_dir = self.out / "model"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.cfg.lora)
+        weights = get_model_state_dict(self.model, options=options)
         if self.place.is_main:
-            net, _ = load_model(self.cfg.model, device="cpu", dtype=self.cfg.dtype,
-                                trust_remote_code=self.cfg.trust_remote_code)
+            for d in (model_dir, adapter_dir):
+                shutil.rmtree(d, ignore_errors=True)
             if self.cfg.lora:
-                net = _wrap_lora(net, self.cfg)
-            net.load_state_dict(full)
-            checkpoint.save_final(net, self.processor, self.out, self.cfg.lora)
+                self.model.save_pretrained(adapter_dir, state_dict=weights)
+                checkpoint.merge_lora(self.cfg.model, adapter_dir, model_dir)
+            else:
+                from vopd_train.sharded_load import ShardedLoader
+
+                net = ShardedLoader(self.cfg.model, "cpu", self.cfg.dtype, self.cfg.trust_remote_code).meta_model()
+                for tied in getattr(net, "all_tied_weights_keys", None) or {}:  # gathered as copies: drop them
+                    weights.pop(tied, None)
+                net.save_pretrained(model_dir, state_dict=weights, safe_serialization=True)
+                self.processor.save_pretrained(model_dir)
+        del weights
         distributed.barrier()
-        return model_dir
 
     def _rank_share(self, indices: list[int]) -> list[int]:
         """This rank's contiguous part of the step's global batch (all of it in a single process)."""
@@ -436,77 +489,97 @@ class Distiller:
 
         t = time.perf_counter()
         rollouts = [r for r in self.engine.generate(student_prompts, sampling) if r.token_ids] if everyone else []
-        _sync(self.device)
         t_rollout = time.perf_counter() - t
 
-        lengths = torch.tensor([len(r.token_ids) for r in rollouts], dtype=torch.long)
-        # the weights sum to 1 over the tokens of the whole step, on all ranks together
-        per_rank = distributed.all_gather_object(lengths.tolist())
-        first = sum(sum(x) for x in per_rank[:self.place.rank])
-        all_weights = token_weights(torch.tensor([n for x in per_rank for n in x], dtype=torch.long), cfg.reduction)
-        weights = all_weights[first:first + int(lengths.sum())].to(self.device)
-        offsets = [0, *torch.cumsum(lengths, 0).tolist()]
-        behaviour = None  # log π_rollout per token, when the engine reports it
-        if rollouts and all(r.logprobs is not None for r in rollouts):
-            behaviour = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(self.device)
-
-        acc = {"div": 0.0, "ent": 0.0, "agree": 0.0, "isw": 0.0, "anchor": 0.0, "t_teacher": 0.0, "t_student": 0.0}
+        weights, offsets = self._token_weights(rollouts)  # they sum to 1 over the step's tokens on all ranks
+        behaviour = _behaviour_logprobs(rollouts, self.device)  # log π_rollout per token, when the engine has it
+        acc = _Totals(self.device, timed=self._timed)
         grad_norm = float("nan")
-        groups = self._micro_batches(rollouts)
-        # FSDP: every rank runs as many passes as the busiest one; the extra ones replay a group at weight 0
-        n_passes = distributed.all_reduce_max(len(groups), self.device)
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             logps = []
-            for g in range(n_passes):
-                replay = g >= len(groups)
-                group = groups[min(g, len(groups) - 1)]
+            for group, scale in self._passes(rollouts):
                 a, b = offsets[group[0]], offsets[group[-1] + 1]
                 resp = [rollouts[k].token_ids for k in group]
                 owner = [rollouts[k].prompt_index for k in group]
-                scale = 0.0 if replay else 1.0
                 out = self._backward_micro(teacher_prompts, student_prompts, resp, owner, weights[a:b] * scale,
                                            behaviour[a:b] if behaviour is not None else None, acc)
-                if replay:
+                if scale == 0.0:  # a replayed pass (see _passes) adds nothing
                     continue
                 logps.append(out.student_logp)
                 if update == 0:
                     div = out.loss if cfg.objective == "logits" else out.student_logp - out.teacher_logp
-                    acc["div"] += float((div.detach() * weights[a:b]).sum())
-                    acc["ent"] += float(out.entropy.sum())
-                    acc["agree"] += float(out.agree.float().sum())
+                    acc.add_tokens(div.detach(), weights[a:b], out.entropy, out.agree)
             if behaviour is None and cfg.updates_per_batch > 1:
                 # later updates reuse these rollouts: weight them against the policy that drew them
                 behaviour = torch.cat(logps) if logps else None
-            if self.place.enabled:
-                from vopd_train import fsdp
-
-                fsdp.reduce_replicated_grads(self.model)
-                grad_norm = fsdp.clip_grad_norm(self.params, cfg.grad_clip, self.device)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-                self.teacher.update()
-            self.scheduler.step()
+            grad_norm = self._clip_and_step()
             self.engine.sync_weights(self.model)
 
-        div, ent, agree, isw, n_tok, n_seq = distributed.all_reduce_sum(
-            [acc["div"], acc["ent"], acc["agree"], acc["isw"], float(lengths.sum()), float(len(rollouts))], self.device)
-        acc["isw"], n_tok, n_seq = isw, int(n_tok), int(n_seq)
-        if self.place.enabled:
-            for skipped in distributed.all_gather_object(self.skipped):
-                self.skipped.update(skipped)
+        div, ent, agree, isw, anchor, n_tok, n_seq = self._reduce(acc, rollouts)
         t_step = time.perf_counter() - t_start
+        t_teacher, t_student = (acc.t_teacher, acc.t_student) if self._timed else (None, None)
         return StepStats(
             step=step + 1, divergence=div, tokens=n_tok, resp_len=n_tok / n_seq if n_seq else 0.0,
             entropy=ent / max(n_tok, 1), agree=agree / max(n_tok, 1), grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], sequences=n_seq, skipped=len(self.skipped),
-            is_weight=(acc["isw"] / cfg.updates_per_batch) if cfg.importance_weight else None,
-            t_rollout=t_rollout, t_teacher=acc["t_teacher"], t_student=acc["t_student"],
-            t_other=t_step - t_rollout - acc["t_teacher"] - acc["t_student"], t_step=t_step,
-            anchor=acc["anchor"] / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
+            is_weight=(isw / cfg.updates_per_batch) if cfg.importance_weight else None,
+            t_rollout=t_rollout, t_teacher=t_teacher, t_student=t_student,
+            t_other=t_step - t_rollout - t_teacher - t_student if self._timed else None, t_step=t_step,
+            anchor=anchor / cfg.updates_per_batch if cfg.crop_anchor > 0 else None,
         )
+
+    @property
+    def _timed(self) -> bool:
+        """Whether the teacher and student phases are timed: always on a CPU (nothing to wait for), on a GPU only
+        with --profile, which waits for the GPU after each phase (a host sync per micro-batch)."""
+        return self.cfg.profile or not str(self.device).startswith("cuda")
+
+    def _token_weights(self, rollouts: list) -> tuple[torch.Tensor, list[int]]:
+        """Every token's weight in the step's loss (`--reduction` over the global batch: the ranks' weights sum to
+        1 together) for this rank's tokens, and where each rollout's tokens start."""
+        lengths = [len(r.token_ids) for r in rollouts]
+        per_rank = distributed.all_gather_object(lengths)
+        first = sum(sum(x) for x in per_rank[:self.place.rank])
+        everyone = token_weights(torch.tensor([n for x in per_rank for n in x], dtype=torch.long), self.cfg.reduction)
+        return everyone[first:first + sum(lengths)].to(self.device), list(itertools.accumulate(lengths, initial=0))
+
+    def _passes(self, rollouts: list) -> Iterator[tuple[list[int], float]]:
+        """(sequence indices, weight scale) of each forward/backward pass. Under FSDP every rank runs as many
+        passes as the busiest one (each pass is a fixed sequence of collectives); the extra ones replay this
+        rank's last group at weight 0."""
+        groups = self._micro_batches(rollouts)
+        n_passes = distributed.all_reduce_max(len(groups), self.device)
+        for g in range(n_passes):
+            yield groups[min(g, len(groups) - 1)], (0.0 if g >= len(groups) else 1.0)
+
+    def _clip_and_step(self) -> float:
+        """Clip the gradient norm, and take the optimizer step (and the teacher's) if it is finite; the scheduler
+        steps either way. Returns the norm before clipping: the step's one read back to the host."""
+        cfg = self.cfg
+        if self.place.enabled:
+            norm = float(fsdp.clip_grad_norm(self.params, cfg.grad_clip))
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.teacher.update()
+        self.scheduler.step()
+        return norm
+
+    def _reduce(self, acc: _Totals, rollouts: list) -> tuple[float, float, float, float, float, int, int]:
+        """The step's totals over all ranks, read back once: divergence, entropy, agreement, importance weight,
+        anchor, tokens, sequences."""
+        tokens = float(sum(len(r.token_ids) for r in rollouts))
+        totals = torch.stack([acc.div, acc.ent, acc.agree, acc.isw, acc.anchor,
+                              torch.tensor(tokens, dtype=torch.float64, device=self.device),
+                              torch.tensor(float(len(rollouts)), dtype=torch.float64, device=self.device)])
+        if distributed.active():
+            torch.distributed.all_reduce(totals)
+            for skipped in distributed.all_gather_object(self.skipped):
+                self.skipped.update(skipped)
+        div, ent, agree, isw, anchor, n_tok, n_seq = totals.tolist()
+        return div, ent, agree, isw, anchor, int(n_tok), int(n_seq)
 
     def _batch_indices(self, step: int) -> list[int]:
         """The step's prompts: the mined ones and, with --replay, a fixed share of both-right ones after them."""
@@ -523,48 +596,92 @@ class Distiller:
 
     def _backward_micro(self, teacher_prompts: list[EncodedPrompt], student_prompts: list[EncodedPrompt],
                         responses: list[list[int]], owner: list[int], weights: torch.Tensor,
-                        behaviour: torch.Tensor | None, acc: dict) -> Any:
+                        behaviour: torch.Tensor | None, acc: _Totals) -> Any:
         """Teacher forward (no grad), student forward, per-token divergence, backward of Σ weight·loss."""
         cfg = self.cfg
-        t = time.perf_counter()
         family = model_family(self.model)
-        teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
-        teacher_hidden = self.teacher.hidden(teacher_batch, cfg.prefix_sharing)
-        _sync(self.device)
-        acc["t_teacher"] += time.perf_counter() - t
+        with acc.timing("t_teacher"):
+            teacher_batch = build_sequences(teacher_prompts, responses, owner, self.pad_id, family).to(self.device)
+            teacher_hidden = self.teacher.hidden(teacher_batch, cfg.prefix_sharing)
 
-        t = time.perf_counter()
-        student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
-        student_hidden = reused_or_scored(self.reuse, self.model, student_batch, cfg.prefix_sharing)
-        out = chunked_divergence(
-            student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
-            alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
-            temperature=cfg.temperature, trust_region_rate=self.teacher.trust_region_rate,
-            chunk_size=cfg.loss_chunk_size)
-        w = weights
-        if cfg.importance_weight:
-            iw = importance_weight(out.student_logp, behaviour, cfg.is_clip) if behaviour is not None else torch.ones_like(w)
-            acc["isw"] += float((iw * weights).sum())
-            w = w * iw
-        (out.loss * w).sum().backward()
-        if self.anchor_ref is not None:
-            anchor = self._crop_anchor(teacher_batch, teacher_hidden, weights)
-            (cfg.crop_anchor * anchor).backward()
-            acc["anchor"] += float(anchor.detach())
-        _sync(self.device)
-        acc["t_student"] += time.perf_counter() - t
+        with acc.timing("t_student"):
+            student_batch = build_sequences(student_prompts, responses, owner, self.pad_id, family).to(self.device)
+            student_hidden = reused_or_scored(self.reuse, self.model, student_batch, cfg.prefix_sharing)
+            with self._heads(self.teacher):
+                out = chunked_divergence(
+                    student_hidden, teacher_hidden, head_fn(self.model), self.teacher.head, student_batch.targets,
+                    alpha=cfg.alpha, topk=cfg.topk or None, add_tail=cfg.add_tail, objective=cfg.objective,
+                    temperature=cfg.temperature, trust_region_rate=self.teacher.trust_region_rate,
+                    chunk_size=cfg.loss_chunk_size)
+                w = weights
+                if cfg.importance_weight:
+                    iw = (importance_weight(out.student_logp, behaviour, cfg.is_clip) if behaviour is not None
+                          else torch.ones_like(w))
+                    acc.isw += (iw * weights).sum()
+                    w = w * iw
+                (out.loss * w).sum().backward()
+            if self.anchor_ref is not None:
+                acc.anchor += self._crop_anchor(teacher_batch, teacher_hidden, weights)
         return out
 
+    def _heads(self, teacher: Teacher) -> contextlib.AbstractContextManager:
+        """Under FSDP, the student's and `teacher`'s LM heads gathered for one loss and its backward
+        (`fsdp.gathered_heads`); nothing to do in one process. Enter it after the forwards that give the loss its
+        hidden states: with tied embeddings a backbone forward ends by resharding the head's unit."""
+        if not self.place.enabled:
+            return contextlib.nullcontext()
+        nets = {id(m): m for m in (self.model, teacher.network())}
+        return fsdp.gathered_heads(*nets.values())
+
     def _crop_anchor(self, crop_batch: Any, teacher_hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence)."""
+        """Σ weight·KL(start ‖ student) on the crop sequences the teacher already scored (losses.anchor_divergence),
+        backward of --crop-anchor times it; returns it, detached."""
         cfg, ref = self.cfg, self.anchor_ref
+        assert ref is not None
         ref_hidden = teacher_hidden if ref is self.teacher else ref.hidden(crop_batch, cfg.prefix_sharing)
         student_hidden = scored_hidden(self.model, crop_batch, cfg.prefix_sharing)  # the teacher's path: 0 at start
-        out = chunked_divergence(
-            student_hidden, ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
-            alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
-            chunk_size=cfg.loss_chunk_size)
-        return (out.loss * weights).sum()
+        with self._heads(ref):
+            out = chunked_divergence(
+                student_hidden, ref_hidden, head_fn(self.model), ref.head, crop_batch.targets,
+                alpha=ANCHOR_ALPHA, topk=cfg.topk or None, add_tail=cfg.add_tail, temperature=cfg.temperature,
+                chunk_size=cfg.loss_chunk_size)
+            anchor = (out.loss * weights).sum()
+            (cfg.crop_anchor * anchor).backward()
+        return anchor.detach()
+
+
+class _Totals:
+    """A step's running sums, kept on the device (no host read per micro-batch), and its phase timings."""
+
+    def __init__(self, device: Any, timed: bool):
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.div, self.ent, self.agree, self.isw, self.anchor = (zero.clone() for _ in range(5))
+        self.device, self.timed = device, timed
+        self.t_teacher = self.t_student = 0.0
+
+    def add_tokens(self, div: torch.Tensor, weights: torch.Tensor, entropy: torch.Tensor, agree: torch.Tensor) -> None:
+        self.div += (div * weights).sum()
+        self.ent += entropy.sum()
+        self.agree += agree.sum()
+
+    @contextlib.contextmanager
+    def timing(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to `name` when timed; on a GPU that waits for it to finish (--profile)."""
+        if not self.timed:
+            yield
+            return
+        t = time.perf_counter()
+        yield
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        setattr(self, name, getattr(self, name) + time.perf_counter() - t)
+
+
+def _behaviour_logprobs(rollouts: list, device: Any) -> torch.Tensor | None:
+    """log π_rollout of every token, flat, when the engine reported them for every rollout."""
+    if rollouts and all(r.logprobs is not None for r in rollouts):
+        return torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32).to(device)
+    return None
 
 
 def _wrap_lora(model: Any, cfg: DistillConfig) -> Any:
@@ -587,11 +704,6 @@ def _set_step_seed(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def split_log(rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -39,18 +39,22 @@ class HFBackend:
         self.prompt_length = context.for_model(self.model.config, self.processor)  # the runner checks prompts
         self.capture_focus = False  # --focus: each answer also carries its prompt's attention on the image
         self.batch_splits = 0  # batches that failed and were retried request by request (run.json counts them)
+        self.lockstep = False  # see from_loaded
         family = family_of(self.model.config)
         image_processor = getattr(self.processor, "image_processor", None)
         # the most pixels the processor keeps of any image: larger JPEGs may be decoded at a reduced size
         self.view_pixels = family.pixel_budget(image_processor) if family.pixel_budget and image_processor else None
 
     @classmethod
-    def from_loaded(cls, model, processor, *, name: str, batch_size: int = 16) -> HFBackend:
+    def from_loaded(cls, model, processor, *, name: str, batch_size: int = 16, lockstep: bool = False) -> HFBackend:
         """Wrap a model already in memory, as it is now (the trainer evaluates its live model this way: no reload,
-        no copy). `name` stands in for the fingerprint: the weights change between calls."""
+        no copy). `name` stands in for the fingerprint: the weights change between calls. `lockstep`: the model
+        is sharded over ranks that must all run the same forwards, so a failing batch raises instead of being
+        retried request by request (which would leave the other ranks waiting)."""
         self = cls.__new__(cls)
         self._attach(name, model, processor, batch_size)
         self._fingerprint = name
+        self.lockstep = lockstep
         return self
 
     def fingerprint(self) -> str:
@@ -61,6 +65,8 @@ class HFBackend:
     def generate(self, requests: Sequence[Request], gen: GenerationConfig) -> list[Response]:
         if not requests:
             return []
+        if self.lockstep:
+            return self._generate_batch(requests, gen)
         try:
             return self._generate_batch(requests, gen)
         except Exception as e:  # noqa: BLE001 - isolate the request that broke the batch
@@ -83,7 +89,9 @@ class HFBackend:
             torch.manual_seed(gen.seed)
         # Focus is measured on single-image prompts: a prompt with several images has no one token grid.
         if not self.capture_focus or any(r.extra_images for r in requests):
-            with torch.inference_mode():
+            # a sharded model keeps gathered parameters between calls: tensors made in inference mode could not be
+            # written to by the training step afterwards
+            with torch.no_grad() if self.lockstep else torch.inference_mode():
                 out = self.model.generate(**inputs, **kwargs)
             atts: list = [None] * len(requests)
         else:
