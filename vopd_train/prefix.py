@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from vopd_bench.modeling import say_once
-from vopd_train.prefill import SHARED_MODEL_TYPES
+from vopd_train.prefill import SHARED_MODEL_TYPES, cache_keyword, output_cache
 from vopd_train.rollout import (
     SeqBatch,
     _autocast,
@@ -101,7 +101,7 @@ def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
     positions = mrope_positions(base, prefix, vision)
     with _autocast(device):
         out = base(**prefix, **vision, position_ids=positions, use_cache=True)
-        cache = out.cache
+        cache = output_cache(out)
         row_of = {p: i for i, p in enumerate(prompts)}
         rows = torch.tensor([row_of[p] for p in owner], device=device)
         cache.reorder_cache(rows)
@@ -114,7 +114,8 @@ def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
         mask = torch.cat([prefix["attention_mask"][rows], resp_mask], 1)
         steps = torch.arange(resp_width, device=device)
         resp_pos = positions.amax(dim=2, keepdim=True)[:, rows] + 1 + steps
-        h = base(**resp, attention_mask=mask, position_ids=resp_pos, cache=cache, use_cache=True).last_hidden_state
+        h = base(**resp, attention_mask=mask, position_ids=resp_pos, use_cache=True,
+                 **{cache_keyword(base): cache}).last_hidden_state
     last = out.last_hidden_state[:, -1]
     return torch.cat([torch.cat([last[row_of[p]][None], h[k, :lengths[k] - 1]]) for k, p in enumerate(owner)])
 
