@@ -81,6 +81,9 @@ def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: A
         result = trainer.train()
     finally:
         display.stop()
+        close = getattr(trainer.engine, "close", None)  # a vLLM engine shuts down while its process groups exist
+        if close is not None:
+            close()
     out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False, soft_wrap=True)
     if result.best is not None:
         out.print(f"kept step {result.best.step} of {trainer.step}: {result.best.why()}, "
