@@ -583,12 +583,13 @@ def test_gradients_are_freed_before_the_sync_gathers(fake_vllm_module, tiny_mode
     fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
     d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "grads", steps=1))
     seen = []
-    sync = d.engine.sync_weights
+    load = d.engine.llm.load_weights
 
-    def recording(model):
-        seen.append(sum(p.grad is not None for p in model.parameters()))
-        sync(model)
+    def recording(weights):
+        seen.append(sum(p.grad is not None for p in d.model.parameters()))
+        load(weights)
 
-    d.engine.sync_weights = recording
+    d.engine.llm.load_weights = recording
+    d.engine.llm.worker = fake_vllm.Worker(SimpleNamespace(load_weights=recording))
     d.train_step(0)
     assert seen == [0]

@@ -49,9 +49,15 @@ import torch
 from torch import Tensor
 
 from vopd_bench import distributed
-from vopd_bench.backends.vllm import check_temperature, vllm_validation_errors
+from vopd_bench.backends.vllm import (
+    check_temperature,
+    engine_memory,
+    engine_platform,
+    shutdown_engine,
+    vllm_validation_errors,
+)
 from vopd_bench.errors import VopdError
-from vopd_bench.modeling import one_line, resolve_model_path, say_once, vision_token_ids
+from vopd_bench.modeling import one_line, resolve_model_path, vision_token_ids
 from vopd_train import weight_sync
 from vopd_train.rollout import EncodedPrompt, Rollout, SamplingSettings
 
@@ -224,6 +230,8 @@ class VLLMRolloutEngine:
     def sync_weights(self, model: Any) -> None:
         """Stream the trained weights into vLLM (called after every optimizer update, on every rank together)."""
         llm = self.llm
+        for p in model.parameters():  # the step is taken: the gradients' memory is free before anything is gathered
+            p.grad = None
         self._wake("weights")
         self.last_sync = weight_sync.stream_into(
             lambda bucket: load_bucket(llm, bucket), model, dtype=torch_dtype(self.dtype),
@@ -293,16 +301,6 @@ def preflight(cfg: Any) -> None:
                         "drop the flag (the engine then keeps its memory between rollouts)")
 
 
-def engine_platform() -> str:
-    """The device type vLLM runs on here (`cuda`, `cpu`, ...), as vLLM itself detects it."""
-    try:
-        from vllm.platforms import current_platform
-
-        return str(current_platform.device_type)
-    except (ImportError, AttributeError):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def sleep_mode_available() -> bool:
     try:
         from vllm.platforms import current_platform
@@ -311,40 +309,6 @@ def sleep_mode_available() -> bool:
     except (ImportError, AttributeError):
         return torch.cuda.is_available()
 
-
-def local_world_size(place: distributed.Place, environ: Any = None) -> int:
-    """Ranks of this job on this host (torchrun's LOCAL_WORLD_SIZE; the world size when it is not set)."""
-    environ = os.environ if environ is None else environ
-    try:
-        return max(1, int(environ.get("LOCAL_WORLD_SIZE", place.world_size)))
-    except ValueError:
-        return max(1, place.world_size)
-
-
-def engine_memory(share: float, place: distributed.Place, platform: str, *, available: int | None = None,
-                  gpus: int | None = None, environ: Any = None) -> dict[str, Any]:
-    """The engine arguments that bound one engine's memory so that the engines sharing a device (on a CPU: the
-    host's memory) never ask for more than `share` of it together.
-
-    GPU: `gpu_memory_utilization`, `share` divided by the engines per GPU (1 when each rank has its own GPU).
-    CPU: vLLM's KV cache comes out of host memory, and vLLM would take `share` of the host's *total* memory for
-    each engine; instead each engine gets `kv_cache_memory_bytes` = `share` of what the host has available now,
-    divided by the ranks on the host."""
-    sharing = local_world_size(place, environ)
-    if platform == "cpu":
-        if available is None:
-            import psutil  # a dependency of vLLM
-
-            available = int(psutil.virtual_memory().available)
-        per_engine = int(share * available / sharing)
-        say_once("vllm-cpu-memory", f"vLLM on a CPU: each engine's KV cache gets {per_engine / 2**30:.2f} GiB "
-                 f"({share} of the {available / 2**30:.1f} GiB the host has available, split over {sharing} "
-                 "engine(s) on this host)")
-        return {"kv_cache_memory_bytes": per_engine}
-    if gpus is None:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 1
-    per_gpu = -(-sharing // max(1, gpus))  # ceil: ranks beyond the GPU count share one
-    return {"gpu_memory_utilization": share / per_gpu}
 
 
 # ---------------------------------------------------------------------- starting and stopping
@@ -367,20 +331,6 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
             return LLM(**engine_args)
     except Exception as e:  # noqa: BLE001 - any start-up failure is a run-level error with one readable line
         raise VopdError(f"vLLM could not load {engine_args['model']!r}: {type(e).__name__}: {one_line(e)}") from None
-
-
-def shutdown_engine(llm: Any) -> None:
-    """Stop `llm`'s engine core and release vLLM's model-parallel state, while the process groups it built are
-    still there; any failure here is vLLM's clean-up and is not the run's."""
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    try:
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        from vllm.distributed.parallel_state import destroy_model_parallel
-
-        destroy_model_parallel()
-    except Exception as e:  # noqa: BLE001
-        say_once("vllm-shutdown", f"vLLM's shutdown reported {type(e).__name__}: {one_line(e)} (ignored)")
 
 
 def set_in_process_mode(environ: Any) -> None:

@@ -481,7 +481,6 @@ class Distiller:
                 self.optimizer.step()
                 self.teacher.update()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)  # the gradients' memory is free before a sync gathers
             self.engine.sync_weights(self.model)
 
         div, ent, agree, isw, n_tok, n_seq = distributed.all_reduce_sum(
