@@ -364,7 +364,7 @@ def test_sleep_mode_wakes_what_each_call_needs(fake_vllm_module, tiny, prompts, 
     engine.generate(prompts[:1], settings)
     assert llm.events == [("sleep", 1),  # after the rollouts: weights to CPU, KV cache freed
                           ("wake_up", ["weights"]), ("collective_rpc", "reload_weights_on_worker"),
-                          ("reset_prefix_cache",),
+                          ("reset_prefix_cache",), ("reset_encoder_cache",), ("reset_mm_cache",),
                           ("wake_up", ["kv_cache"]),  # the weights are back already
                           ("sleep", 1)]
 
@@ -384,9 +384,10 @@ def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm_module
         assert sent[k].shape == saved[k].shape and torch.equal(sent[k], saved[k]), k
     # views of the live parameters, not copies
     assert sent["model.embed_tokens.weight"].data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    # through collective_rpc with a module-level function (never a closure) calling the worker's in-place reload
-    # (which drops the encoder cache itself), then the prefix cache built on the old weights
-    assert llm.events == [("collective_rpc", "reload_weights_on_worker"), ("reset_prefix_cache",)]
+    # through collective_rpc with a module-level function (never a closure) calling the worker's in-place reload,
+    # then the caches built on the old weights, on the engine's side too
+    assert llm.events == [("collective_rpc", "reload_weights_on_worker"), ("reset_prefix_cache",),
+                          ("reset_encoder_cache",), ("reset_mm_cache",)]
 
 
 def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
@@ -523,7 +524,7 @@ def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm_module
         assert torch.equal(llm.params[n], p), n
     saved = load_file(tiny_model_dir / "model.safetensors")
     assert len(llm.loaded) == 2 and llm.loaded[0] == {k: tuple(v.shape) for k, v in saved.items()}
-    assert llm.resets == 2  # the prefix cache, at each sync (the worker's reload drops the encoder cache)
+    assert llm.resets == 4  # the prefix and encoder caches, at each sync
     # vLLM's log-probs are the behaviour policy of the importance weight: the rollouts come from the synced
     # weights, so the weight is 1 at step 1 and at step 2 (a stale vLLM would give another value at step 2)
     for s in history:

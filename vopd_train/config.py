@@ -56,6 +56,8 @@ class DistillConfig:
                                                    "cache); the rest is left for training. Engines sharing a GPU "
                                                    "split it. On a CPU: the share of the host's available memory "
                                                    "for the KV caches, split between the ranks on the host.")
+    vllm_enforce_eager: bool = _opt(False, "Run vLLM without compilation or CUDA graphs: starts in seconds "
+                                           "instead of a minute or more, generates more slowly.")
     vllm_dtype: str = _opt("auto", "vLLM's dtype: auto (the trainer's compute dtype: float32 on a CPU, bfloat16 "
                                    "on a GPU or with --dtype bfloat16), float32, bfloat16 or float16. Recorded "
                                    "resolved in config.yaml.")
@@ -204,7 +206,7 @@ class DistillConfig:
 # The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
                 "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
-                "focus", "sync_bucket_mb"}
+                "focus", "sync_bucket_mb", "vllm_enforce_eager"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.

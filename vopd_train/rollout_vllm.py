@@ -15,8 +15,7 @@ holds its own copy of the weights, so `sync_weights` copies the student into it 
                   groups of the adapted layers, merged), each bucket handed to the worker's in-place
                   `reload_weights`, which maps checkpoint names onto vLLM's fused layers and repacks them as its
                   kernels want (the CPU worker's linear layers keep no plain `weight` to load into). Then the
-                  prefix cache is dropped: it holds keys computed with the old weights (the reload itself drops
-                  the encoder and multimodal caches).
+                  caches built with the old weights are dropped (`reset_caches`).
 
 Layouts. One process: the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `collective_rpc`
 calls the sync function on the worker directly and the weights are handed over as tensors, never serialised.
@@ -151,7 +150,8 @@ class VLLMRolloutEngine:
                      dtype=cfg.vllm_dtype, max_model_len=cfg.vllm_max_model_len,
                      enable_sleep_mode=cfg.vllm_sleep_mode, trust_remote_code=cfg.trust_remote_code,
                      eos_token_ids=eos if isinstance(eos, (list, tuple)) else [eos],
-                     config=getattr(hf, "config", None), bucket_mb=cfg.sync_bucket_mb, place=place, **kwargs)
+                     config=getattr(hf, "config", None), bucket_mb=cfg.sync_bucket_mb, place=place,
+                     **({"enforce_eager": True} if cfg.vllm_enforce_eager else {}), **kwargs)
         _ = engine.llm  # start it now: a vLLM that cannot start fails the run before any data is rendered
         distributed.barrier()  # every rank's engine is up before any rank goes on
         return engine
@@ -236,7 +236,8 @@ class VLLMRolloutEngine:
         self.last_sync = weight_sync.stream_into(
             lambda bucket: load_bucket(llm, bucket), model, dtype=torch_dtype(self.dtype),
             bucket_bytes=self.bucket_bytes, world_size=distributed.world_size())
-        llm.reset_prefix_cache()  # keys and values computed with the old weights
+        llm.collective_rpc(refresh_tied_layers)
+        reset_caches(llm)
 
     def _wake(self, *tags: str) -> None:
         asleep = [t for t in tags if t in self._asleep]
@@ -397,6 +398,40 @@ def reload_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> 
     return len(weights)
 
 
+def refresh_tied_layers(worker: Any) -> int:
+    """Runs on vLLM's worker after a sync: redo the post-load processing of every layer whose weight is another
+    layer's (an LM head tied to the input embeddings). The in-place reload processes the layers it loads; a tied
+    head is never loaded itself (its weight arrives as the embeddings'), and on a CPU its kernel keeps a packed
+    copy of the old matrix made at start-up, so without this the logits come from the starting embeddings. On a
+    GPU the processing of an unquantized layer changes nothing. Returns the number of layers redone."""
+    modules: dict[int, list[Any]] = {}
+    for module in worker.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            modules.setdefault(id(weight), []).append(module)
+    redone = 0
+    with torch.no_grad():
+        for sharing in modules.values():
+            if len(sharing) < 2:
+                continue
+            for module in sharing:
+                method = getattr(module, "quant_method", None)
+                if method is not None and hasattr(method, "process_weights_after_loading"):
+                    method.process_weights_after_loading(module)
+                    redone += 1
+    return redone
+
+
+def reset_caches(llm: Any) -> None:
+    """After a sync: drop the prefix cache (keys and values computed with the old weights) and the encoder cache
+    (image features), each on both sides of the engine (the scheduler's records and the worker's tensors: the
+    worker's reload clears only its own, and the scheduler would then skip the encoder for an image it thinks is
+    cached: "Encoder cache miss"); and the multimodal input cache, which the reload clears on the worker side."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
+
+
 def load_bucket(llm: Any, weights: list[tuple[str, Tensor]]) -> None:
     """Hand one bucket of (checkpoint name, tensor) pairs to every worker of `llm` (in this process: one)."""
     llm.collective_rpc(reload_weights_on_worker, args=(weights,))
@@ -408,5 +443,5 @@ def export_weights(model: Any) -> dict[str, Tensor]:
 
 
 __all__ = ["ENGINE_DTYPES", "VLLMRolloutEngine", "check_free_gpu_memory", "engine_memory", "engine_platform",
-           "export_weights", "load_bucket", "preflight", "preserved_rng_state", "reload_weights_on_worker",
+           "export_weights", "load_bucket", "preflight", "refresh_tied_layers", "preserved_rng_state", "reload_weights_on_worker",
            "set_in_process_mode", "shutdown_engine", "start_engine", "trainer_compute_dtype", "vllm_request"]
