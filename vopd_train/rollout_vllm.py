@@ -250,10 +250,14 @@ class VLLMRolloutEngine:
                 raise VopdError(f"vLLM did not wake up fully after waking {', '.join(asleep)}")
 
     def close(self) -> None:
-        """Shut the engine down (its memory goes back), quietly: vLLM's own clean-up at interpreter exit would
-        otherwise tear down process groups the trainer has already destroyed, with a traceback."""
+        """Shut the engine down (`shutdown_engine`): now in a single process, where the process group vLLM tears
+        down is its own; under torchrun, where it is the trainer's, when vopd leaves the group at exit."""
         llm, self._llm = self._llm, None
-        if llm is not None:
+        if llm is None:
+            return
+        if self.place.enabled:
+            distributed.before_shutdown(lambda: shutdown_engine(llm))
+        else:
             shutdown_engine(llm)
         gc.collect()
 

@@ -49,10 +49,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         Path(path).write_text(json.dumps(FIGURES, indent=1) + "\n", encoding="utf-8")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rollout_engine(vllm_tiny):
-    """One real rollout engine for the distill tests (each test starts from the checkpoint's weights:
-    `base_engine`)."""
+    """One real rollout engine per test module (each test starts from the checkpoint's weights: `base_engine`).
+    Never two in-process engines at once: shutting one down tears down vLLM's distributed state in the process."""
     from vopd_bench.modeling import load_model
     from vopd_train.rollout_vllm import VLLMRolloutEngine
 

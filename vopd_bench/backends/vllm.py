@@ -299,15 +299,15 @@ def _start_engine(engine_args: dict[str, Any]) -> Any:
 
 
 def shutdown_engine(llm: Any) -> None:
-    """Stop `llm`'s engine core and release vLLM's model-parallel state while the process groups it built still
-    exist; a failure here is vLLM's clean-up, said once, never the run's."""
+    """Stop `llm`'s engine core now, while the process groups it built exist. Left to itself, vLLM shuts the core
+    down at interpreter exit, after vopd has destroyed the process groups, with a traceback ("Invalid process
+    group specified"). An in-process core's shutdown also tears down vLLM's distributed state in this process,
+    the default process group included (so one in-process engine at a time, and under torchrun only at the end:
+    `distributed.before_shutdown`). A failure here is vLLM's clean-up, said once, never the run's."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     try:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        from vllm.distributed.parallel_state import destroy_model_parallel
-
-        destroy_model_parallel()
     except Exception as e:  # noqa: BLE001
         say_once("vllm-shutdown", f"vLLM's shutdown reported {type(e).__name__}: {first_line(e)} (ignored)")
 
