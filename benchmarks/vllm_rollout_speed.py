@@ -58,6 +58,7 @@ def build(size: str, out: str) -> str:
     def medium(config) -> None:
         text = config.get_text_config()
         text.hidden_size, text.intermediate_size, text.num_hidden_layers = 1024, 4096, 8
+        text.layer_types = ["full_attention"] * 8
         text.num_attention_heads, text.num_key_value_heads = 8, 2
         text.rope_parameters["mrope_section"] = [16, 24, 24]  # head size 128: 64 rotary pairs
         config.vision_config.hidden_size = 1024  # the merger projects into the language model's width
