@@ -42,3 +42,35 @@ def hf_greedy(model: Any, processor: Any, engine: Any, prompts: list) -> list[li
     finally:
         model.train(was_training)
     return answers
+
+
+def rollout_logprob_gaps(engine: Any, model: Any, prompts: list, settings: Any) -> dict[str, float]:
+    """Sample rollouts with the engine and score them with transformers on `model`: the largest difference
+    between vLLM's log-prob of a sampled token (after the temperature and the ban on vision tokens: what it
+    sampled from) and transformers' over the same renormalised distribution, and the mean log-ratio of the
+    unbanned distribution (the trainer's π_θ) to vLLM's: the importance weight's log on a token."""
+    rollouts = engine.generate(prompts, settings)
+    banned = sorted(engine.vision_ids)
+    worst, ratios = 0.0, []
+    was_training = model.training
+    model.eval()
+    try:
+        for r in rollouts:
+            p = prompts[r.prompt_index]
+            ids = torch.tensor([r.token_ids])
+            n = p.input_ids.shape[0]
+            inputs = {k: torch.cat([v[None], ids if k == "input_ids" else torch.full_like(ids, 1 if k ==
+                                    "attention_mask" else 0)], 1) for k, v in p.tokens.items()}
+            with torch.no_grad():
+                logits = model(**inputs, **p.vision).logits[0, n - 1:n - 1 + len(r.token_ids)].float()
+            logits = logits / settings.temperature
+            free = torch.log_softmax(logits, -1)
+            logits[:, banned] = float("-inf")
+            kept = torch.log_softmax(logits, -1)
+            at = torch.arange(len(r.token_ids))
+            vl = torch.tensor(r.logprobs)
+            worst = max(worst, float((kept[at, r.token_ids] - vl).abs().max()))
+            ratios.append(free[at, r.token_ids] - vl)
+    finally:
+        model.train(was_training)
+    return {"max_abs_diff_renormalised": worst, "mean_log_ratio_unbanned": float(torch.cat(ratios).mean())}

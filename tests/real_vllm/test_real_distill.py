@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 from conftest import MEMORY_SHARE
-from engine_checks import hf_greedy, vllm_greedy
+from engine_checks import hf_greedy, rollout_logprob_gaps, vllm_greedy
 
 from vopd_train.config import DistillConfig
+from vopd_train.rollout import SamplingSettings
 from vopd_train.trainer import Distiller
 
 STEPS = 10
@@ -48,6 +49,13 @@ def run_and_check(d: Distiller, steps: range, figures: dict, label: str) -> None
 def test_full_fine_tuning(base_engine, vllm_tiny, tmp_path, figures):
     d = Distiller(distill_cfg(vllm_tiny, tmp_path / "full"), engine=base_engine)
     run_and_check(d, range(STEPS), figures, "full")
+    # what the importance weights rest on, after ten syncs: vLLM's log-prob of each sampled token is transformers'
+    # over the same distribution (vision tokens banned), so a weight's distance from 1 is the banned tokens' mass
+    probes, _ = d._render(list(range(PROBES)))
+    gaps = rollout_logprob_gaps(d.engine, d.model, probes, SamplingSettings(n=2, temperature=0.7, max_new_tokens=8))
+    figures["distill_full_rollout_logprobs"] = gaps
+    assert gaps["max_abs_diff_renormalised"] < 1e-3
+    assert -0.02 < gaps["mean_log_ratio_unbanned"] < 0
 
 
 def test_lora_syncs_the_merged_adapted_layers(base_engine, vllm_tiny, tmp_path, figures):
