@@ -58,10 +58,11 @@ class ScriptedLLM(fake_vllm.LLM):
         return fake_vllm.RequestOutput(str(self._next), prompt["prompt"], ids, None, comps)
 
 
-class RecordingModel:
+class RecordingModel(torch.nn.Module):
     """vLLM's model side of `load_weights`: records what it is sent."""
 
     def __init__(self):
+        super().__init__()
         self.loads: list[dict[str, torch.Tensor]] = []
 
     def load_weights(self, weights):
@@ -364,6 +365,7 @@ def test_sleep_mode_wakes_what_each_call_needs(fake_vllm_module, tiny, prompts, 
     engine.generate(prompts[:1], settings)
     assert llm.events == [("sleep", 1),  # after the rollouts: weights to CPU, KV cache freed
                           ("wake_up", ["weights"]), ("collective_rpc", "reload_weights_on_worker"),
+                          ("collective_rpc", "refresh_tied_layers"),
                           ("reset_prefix_cache",), ("reset_encoder_cache",), ("reset_mm_cache",),
                           ("wake_up", ["kv_cache"]),  # the weights are back already
                           ("sleep", 1)]
@@ -386,8 +388,8 @@ def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm_module
     assert sent["model.embed_tokens.weight"].data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     # through collective_rpc with a module-level function (never a closure) calling the worker's in-place reload,
     # then the caches built on the old weights, on the engine's side too
-    assert llm.events == [("collective_rpc", "reload_weights_on_worker"), ("reset_prefix_cache",),
-                          ("reset_encoder_cache",), ("reset_mm_cache",)]
+    assert llm.events == [("collective_rpc", "reload_weights_on_worker"), ("collective_rpc", "refresh_tied_layers"),
+                          ("reset_prefix_cache",), ("reset_encoder_cache",), ("reset_mm_cache",)]
 
 
 def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
@@ -457,7 +459,8 @@ class HFBackedLLM(fake_vllm.LLM):
         self.by_ckpt = {next(iter(revert_weight_conversion(self.model, {n: torch.zeros(1)}))): n
                         for n in self.model.state_dict()}
         self.params = dict(self.model.named_parameters())
-        self.worker = fake_vllm.Worker(SimpleNamespace(load_weights=self.load_weights))
+        self.model.load_weights = self.load_weights  # vLLM's models load by checkpoint name
+        self.worker = fake_vllm.Worker(self.model)
 
     def load_weights(self, weights):
         record = {}
@@ -591,7 +594,7 @@ def test_gradients_are_freed_before_the_sync_gathers(fake_vllm_module, tiny_mode
         load(weights)
 
     d.engine.llm.load_weights = recording
-    d.engine.llm.worker = fake_vllm.Worker(SimpleNamespace(load_weights=recording))
+    d.engine.llm.worker = fake_vllm.Worker(SimpleNamespace(load_weights=recording, modules=lambda: []))
     d.train_step(0)
     assert seen == [0]
 
@@ -617,3 +620,25 @@ def test_close_shuts_the_engine_down_now_or_when_the_trainers_group_goes(fake_vl
     assert stopped == [0]  # not yet: the trainer still needs its process group
     distributed.shutdown()
     assert stopped == [0, 1]
+
+
+def test_a_sync_redoes_the_processing_of_tied_layers_only():
+    """vLLM's in-place reload never loads a tied LM head itself; on a CPU its kernel keeps a packed copy of the
+    starting matrix (tests/real_vllm/ saw the logits come from the old embeddings) unless it is processed again."""
+    from vopd_train.rollout_vllm import refresh_tied_layers
+
+    redone = []
+
+    class Method:
+        def process_weights_after_loading(self, layer):
+            redone.append(layer.tag)
+
+    def layer(tag, weight):
+        m = torch.nn.Module()
+        m.weight, m.quant_method, m.tag = weight, Method(), tag
+        return m
+
+    shared = torch.nn.Parameter(torch.ones(4, 2))
+    model = torch.nn.ModuleList([layer("embed", shared), layer("head", shared),
+                                 layer("mlp", torch.nn.Parameter(torch.ones(2, 2)))])
+    assert refresh_tied_layers(fake_vllm.Worker(model)) == 2 and sorted(redone) == ["embed", "head"]
