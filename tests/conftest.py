@@ -4,9 +4,9 @@ import os
 import pytest
 from isolation import preserved_global_state
 
-# The real-engine tests run in the real-vLLM environment (scripts/real_vllm_env.sh; .ci/run runs them there); an
-# environment without vLLM leaves the folder out rather than skipping every test in it.
-collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["real_vllm"]
+# The real-engine tests and the vLLM conformance test run in the real-vLLM environment (scripts/real_vllm_tests.sh;
+# .ci/run runs them there); an environment without vLLM leaves them out rather than skipping them.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else ["real_vllm", "test_vllm_conformance.py"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
