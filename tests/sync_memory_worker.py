@@ -1,9 +1,12 @@
 """Run by torchrun from test_weight_sync.py: one rank's memory during one weight sync of a ~115M-parameter model.
 
-    python -m torch.distributed.run --standalone --nproc-per-node N tests/sync_memory_worker.py BUCKET_MB OUT_JSON
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/sync_memory_worker.py BUCKET_MB OUT_JSON \
+        [LORA_MODEL_DIR]
 
 Two syncs are measured: one in buckets of BUCKET_MB, then the control, one bucket holding the whole model (what a
-sync that gathers everything at once costs), so the test can tell the two apart.
+sync that gathers everything at once costs), so the test can tell the two apart. With LORA_MODEL_DIR, a LoRA
+model (adapters on the query projections, the vision MLPs' first layers and the gate projections) is also
+exported sharded and whole in one process: the merged weights must be identical.
 
 The model is a Qwen2-VL whose language model is 7 layers of width 1024, sharded with FSDP2 over the ranks (float32
 master weights). The engine is a stand-in that keeps its own bfloat16 copy of every weight (allocated before the
@@ -48,7 +51,22 @@ def build_model():
     return Qwen2VLForConditionalGeneration(config)
 
 
-def main(bucket_mb: float, out: str) -> None:
+def lora_model(path: str):
+    from peft import LoraConfig, get_peft_model
+
+    from vopd_bench.modeling import load_model
+
+    model, _ = load_model(path, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "gate_proj"]))
+    with torch.no_grad():  # B starts at zero: give the adapters something to merge
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return peft_model
+
+
+def main(bucket_mb: float, out: str, lora_dir: str | None = None) -> None:
     from vopd_bench import distributed
     from vopd_train import fsdp, weight_sync
 
@@ -86,9 +104,17 @@ def main(bucket_mb: float, out: str) -> None:
     full = weight_sync.export_weights(model, torch.bfloat16)
     result["exact"] = full.keys() == engine.keys() and all(torch.equal(engine[k], v) for k, v in full.items())
     result["model_bf16_mib"] = sum(v.numel() * 2 for v in full.values()) / 2**20
+    if lora_dir:
+        del model, engine, full
+        gc.collect()
+        sharded, whole = lora_model(lora_dir), lora_model(lora_dir)
+        fsdp.shard_model(sharded, "cpu")
+        got, want = weight_sync.export_weights(sharded), weight_sync.export_weights(whole)
+        result["lora_tensors"] = len(want)
+        result["lora_exact"] = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     Path(out.replace(".json", f"-{place.rank}.json")).write_text(json.dumps(result))
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), sys.argv[2])
+    main(float(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

@@ -79,21 +79,23 @@ def test_lora_sends_the_groups_of_the_adapted_layers_only(tiny_model_dir):
     assert keys == ["model.language_model.layers.0.self_attn", "model.language_model.layers.1.self_attn"]
 
 
-def test_one_sync_costs_at_most_one_bucket_above_the_steady_state(tmp_path):
+def test_one_sync_costs_at_most_one_bucket_above_the_steady_state(tmp_path, tiny_model_dir):
     """FSDP over two ranks, 115M parameters (220 MiB in bfloat16): a sync in 48 MiB buckets may raise a rank's
     resident memory by at most 48 MiB; the control, the whole model in one bucket, raises it by about the model
-    (so the measurement does see a sync that gathers everything at once)."""
+    (so the measurement does see a sync that gathers everything at once). In the same job, LoRA layers merged
+    from FSDP shards equal those merged in one process."""
     bucket_mb = 48
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(WORKER), str(bucket_mb), str(out)], env=env, capture_output=True, text=True,
+                           str(WORKER), str(bucket_mb), str(out), str(tiny_model_dir)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"memory-{rank}.json").read_text())
         assert r["parameters"] > 100e6 and r["exact"]
+        assert r["lora_exact"] and r["lora_tensors"] > 6
         bucketed, whole = r["bucketed"], r["whole"]
         print(f"rank {rank}: steady {bucketed['steady_mib']:.0f} MiB, one sync +{bucketed['extra_mib']:.1f} MiB in "
               f"{bucketed['buckets']} buckets of at most {bucketed['largest_bucket_mib']:.1f} MiB; the whole model "
