@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The real vLLM paths on one GPU, in under 8 minutes (NOT RUN YET: no GPU has been available to this project).
+# The real vLLM paths on one GPU, in under 8 minutes (NOT RUN YET: no GPU has been lent to this project; the same
+# paths run on a CPU in tests/real_vllm/, see docs/development/real-vllm.md).
 #
-#   benchmarks/vllm_gpu_check.sh [OUT_DIR]        (in an environment with vopd and vLLM, e.g. README § vLLM)
+#   benchmarks/vllm_gpu_check.sh [OUT_DIR]        (in an environment with vopd and vLLM: docs/guides/vllm.md)
 #
-# 1. gap-report on the toy with --backend vllm and with --backend hf: the answers must be identical (greedy, one
-#    decoding policy for both backends).
-# 2. 20 distill steps with --rollout-engine vllm --importance-weight on a random-initialised Qwen2.5-VL-class
-#    checkpoint (vopd's tiny builder): the weight sync, the sleep/wake cycle and the importance weight for real.
-# 3. Rollout tokens/s, vLLM against transformers generate (benchmarks/vllm_rollout_speed.py).
+# 1. gap-report on the toy with --backend vllm and with --backend hf: the answers must be identical (one
+#    generation policy for both backends; bfloat16 on both sides).
+# 2. The colocated path with --vllm-sleep-mode on a random ~110M-parameter Qwen2-VL (benchmarks/
+#    vllm_colocate_check.py): 8 distill steps, importance weights asserted in [0.98, 1.02], the engine's greedy
+#    answers checked against transformers' after every sync, GPU memory printed per phase (next to
+#    `vopd check --plan` where that command exists).
+# 3. 20 steps of `vopd distill --rollout-engine vllm --vllm-sleep-mode` on the tiny Qwen2.5-VL: the command itself,
+#    its exit without a traceback.
+# 4. Rollout tokens/s, vLLM against transformers generate (benchmarks/vllm_rollout_speed.py), on the medium model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-$(mktemp -d)}
@@ -34,11 +39,24 @@ print(f"identical answers: {same}/{len(hf)} (vllm has {len(vllm)})")
 sys.exit(0 if same == len(hf) == len(vllm) else 1)
 PY
 
-echo "== 2. 20 distill steps with vLLM rollouts and the importance weight"
-"$py" -c "from vopd_bench.tiny.families import build_tiny; build_tiny('qwen2.5-vl', '$out/qwen25')"
-timeout 180 "$py" -m vopd_bench.cli distill "$out/qwen25" --data synthetic:train --out "$out/distill" --steps 20 \
-    --rollout-engine vllm --importance-weight --vllm-gpu-memory-utilization 0.3 --n-rollouts 4 --max-new-tokens 16
-tail -n 3 "$out/distill"/*.jsonl 2>/dev/null || ls "$out/distill"
+echo "== 2. the colocated path with sleep mode: importance weights, sync agreement, memory per phase"
+"$py" -c "import sys; sys.path.insert(0, 'benchmarks'); from vllm_rollout_speed import build; build('medium', '$out/medium')"
+timeout 200 "$py" benchmarks/vllm_colocate_check.py "$out/medium" "$out/colocate" --steps 8 --bucket-mb 64
 
-echo "== 3. rollout tokens/s, vLLM against HF"
-timeout 150 "$py" benchmarks/vllm_rollout_speed.py "$out/qwen25"
+echo "== 3. vopd distill --rollout-engine vllm --vllm-sleep-mode, 20 steps"
+"$py" -c "from vopd_bench.tiny.vllm_runnable import build_vllm_tiny; build_vllm_tiny('qwen2.5-vl', '$out/qwen25')"
+timeout 150 "$py" -m vopd_bench.cli distill "$out/qwen25" --data synthetic:train --out "$out/distill" --steps 20 \
+    --rollout-engine vllm --vllm-sleep-mode --importance-weight --vllm-gpu-memory-utilization 0.3 --n-rollouts 4 \
+    --max-new-tokens 16 --no-remeasure --quiet 2>&1 | tee "$out/distill.log"
+! grep -q Traceback "$out/distill.log"
+"$py" - "$out/distill/train_log.jsonl" <<'PY'
+import json
+import sys
+
+weights = [json.loads(line)["is_weight"] for line in open(sys.argv[1]) if line.strip()]
+print("importance weights:", " ".join(f"{w:.3f}" for w in weights))
+sys.exit(0 if all(0.98 <= w <= 1.02 for w in weights) else 1)
+PY
+
+echo "== 4. rollout tokens/s, vLLM against HF"
+timeout 150 "$py" benchmarks/vllm_rollout_speed.py "$out/medium"

@@ -6,7 +6,8 @@ importable, so this file cannot drift from it unnoticed. Behaviour follows the i
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, tensor parallel size 1), the layout vopd supports:
 
 - `collective_rpc(method, timeout, args, kwargs)` calls `method(worker, *args, **kwargs)` directly and returns a
-  one-element list. A callable must also survive `pickle.dumps` (a module-level function is pickled by reference):
+  one-element list. The worker's `reload_weights(weights_iterator, weights_path, is_checkpoint_format)` hands the
+  iterator to the model's `load_weights`, as vLLM's in-place reload does. A callable must also survive `pickle.dumps` (a module-level function is pickled by reference):
   any other layout cloudpickles it to other processes, and a local closure fails there.
 - `sleep(level, mode)`, `wake_up(tags) -> bool` (whether the engine is fully awake),
   `reset_prefix_cache(...) -> bool`, `reset_mm_cache() -> None`; the encoder cache is reset on `llm_engine`.
@@ -113,13 +114,33 @@ def completion(token_ids: Sequence[int], logprobs: list[float] | None = None, te
 
 
 class Worker:
-    """vLLM's GPU worker, as `collective_rpc` hands it to a function: `get_model()` is its public model."""
+    """vLLM's GPU worker, as `collective_rpc` hands it to a function: `get_model()` is its public model;
+    `reload_weights` has the model runner's signature (the worker forwards `*args, **kwargs` to it)."""
 
     def __init__(self, model: Any):
         self._model = model
 
     def get_model(self) -> Any:
         return self._model
+
+    def reload_weights(self, weights_iterator: Any = None, weights_path: str | None = None,
+                       is_checkpoint_format: bool = True) -> None:
+        assert weights_iterator is not None and is_checkpoint_format, "vopd streams checkpoint-format weights"
+        self._model.load_weights(weights_iterator)
+
+
+# ---------------------------------------------------------------------- vllm.platforms
+
+
+class Platform:
+    """`vllm.platforms.current_platform`: the device type vLLM detected and whether it can sleep."""
+
+    def __init__(self, device_type: str = "cpu", sleep: bool = False):
+        self.device_type = device_type
+        self._sleep = sleep
+
+    def is_sleep_mode_available(self) -> bool:
+        return self._sleep
 
 
 class LLMEngine:
@@ -204,13 +225,17 @@ class LLM:
         return True
 
 
-def install(monkeypatch: Any, make_llm: Callable[..., Any]) -> types.ModuleType:
-    """Put a `vllm` package (with `vllm.exceptions`) into sys.modules whose `LLM(...)` is `make_llm(...)`."""
+def install(monkeypatch: Any, make_llm: Callable[..., Any], platform: Platform | None = None) -> types.ModuleType:
+    """Put a `vllm` package (with `vllm.exceptions` and `vllm.platforms`) into sys.modules whose `LLM(...)` is
+    `make_llm(...)`, on `platform` (default: a CPU, no sleep mode)."""
     vllm = types.ModuleType("vllm")
     exceptions = types.ModuleType("vllm.exceptions")
     exceptions.VLLMError, exceptions.VLLMClientError = VLLMError, VLLMClientError
     exceptions.VLLMValidationError = VLLMValidationError
-    vllm.LLM, vllm.SamplingParams, vllm.exceptions = make_llm, SamplingParams, exceptions
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = platform or Platform()
+    vllm.LLM, vllm.SamplingParams, vllm.exceptions, vllm.platforms = make_llm, SamplingParams, exceptions, platforms
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.exceptions", exceptions)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     return vllm

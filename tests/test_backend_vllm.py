@@ -1,5 +1,6 @@
 """The `vllm` backend through tests/fake_vllm.py, which follows vLLM 0.33.0's API (test_vllm_conformance.py checks
-it against the real package). Real generation needs a GPU; these tests pin down what the backend asks of vLLM."""
+it against the real package). These tests pin down what the backend asks of vLLM; tests/real_vllm/ compares its
+answers with the hf backend's on a real engine."""
 
 import sys
 import types
@@ -29,6 +30,7 @@ class ChatLLM(fake_vllm.LLM):
 
 @pytest.fixture
 def fake_engines(monkeypatch):
+    """Engines on a (fake) GPU platform; `cpu_engines` below for vLLM's CPU release."""
     engines = []
 
     def make_llm(*args, **kwargs):
@@ -36,7 +38,7 @@ def fake_engines(monkeypatch):
         engines.append(llm)
         return llm
 
-    fake_vllm.install(monkeypatch, make_llm)
+    fake_vllm.install(monkeypatch, make_llm, fake_vllm.Platform("cuda"))
     return engines
 
 
@@ -65,7 +67,8 @@ def test_defaults_and_remote_code_only_when_asked(fake_engines):
     VLLMBackend("org/model", trust_remote_code=True, mm_processor_kwargs={"max_pixels": 1003520})
     plain, remote = fake_engines
     assert plain.kwargs["tensor_parallel_size"] == 1 and "max_model_len" not in plain.kwargs
-    assert plain.kwargs["trust_remote_code"] is False and plain.kwargs["dtype"] == "auto"
+    # the hf backend's dtype (float32 without a bf16 GPU), never vLLM's "auto" (the checkpoint's)
+    assert plain.kwargs["trust_remote_code"] is False and plain.kwargs["dtype"] == "float32"
     assert remote.kwargs["trust_remote_code"] is True and remote.kwargs["mm_processor_kwargs"] == {"max_pixels": 1003520}
 
 
@@ -128,12 +131,12 @@ def _folder_hash(folder) -> str:
 def test_fingerprint_hashes_local_weights_and_names_vllm(fake_engines, model_dir):
     first = VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint()
     assert first == f"vllm:{_folder_hash(model_dir)}:bfloat16"
-    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{_folder_hash(model_dir)}:auto"
+    assert VLLMBackend(str(model_dir)).fingerprint() == f"vllm:{_folder_hash(model_dir)}:float32"
     (model_dir / "notes.md").write_text("not part of the model")  # only model files count
     assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() == first
     (model_dir / "model.safetensors").write_bytes(b"weights v2")
     assert VLLMBackend(str(model_dir), dtype="bfloat16").fingerprint() != first  # new weights, new records
-    assert VLLMBackend("no-such-org/no-such-model").fingerprint() == "vllm:hub:no-such-org/no-such-model@unknown:auto"
+    assert VLLMBackend("no-such-org/no-such-model").fingerprint() == "vllm:hub:no-such-org/no-such-model@unknown:float32"
 
 
 def test_bad_arguments_and_missing_vllm(monkeypatch):
@@ -171,3 +174,52 @@ def test_temperature_vllm_would_reject_or_change_is_refused_up_front(fake_engine
         backend.generate([_req(0)], GenerationConfig(temperature=temperature))
     assert fake_engines[0].calls == []  # refused before vLLM saw a request
     backend.generate([_req(0)], GenerationConfig(temperature=2.0))  # the limit itself is fine
+
+
+def test_on_a_cpu_the_engine_gets_a_share_of_what_the_host_can_spare(monkeypatch, model_dir):
+    import psutil
+
+    engines = []
+    fake_vllm.install(monkeypatch, lambda **kw: engines.append(ChatLLM(**kw)) or engines[-1], fake_vllm.Platform("cpu"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=8 * 2**30, total=64 * 2**30))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks' engines on this host
+    VLLMBackend(str(model_dir), gpu_memory_utilization=0.5)
+    [llm] = engines
+    assert llm.kwargs["kv_cache_memory_bytes"] == 2 * 2**30
+    assert llm.kwargs["gpu_memory_utilization"] == 0.92  # not passed: vLLM's default, unused beside the KV size
+
+
+class TokenLLM(fake_vllm.LLM):
+    """Answers every conversation with the scripted token ids and a text of its own (vLLM's detokenizer)."""
+
+    ids: list[int] = []
+
+    def answer_chat(self, conversation, params):
+        return fake_vllm.RequestOutput("0", None, None, None, [fake_vllm.completion(self.ids, text="vLLM's text")])
+
+
+def test_the_hf_backends_generation_policy(monkeypatch, tiny_model_dir):
+    """Stop ids from the generation config, the vision tokens banned, and the answer decoded from its ids by
+    the model's processor as the hf backend decodes it, a character cut in half included."""
+    from transformers import AutoProcessor
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from vopd_bench.modeling import vision_token_ids
+
+    engines = []
+    fake_vllm.install(monkeypatch, lambda **kw: engines.append(TokenLLM(**kw)) or engines[-1],
+                      fake_vllm.Platform("cuda"))
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    tok = processor.tokenizer
+    cut = tok.encode("red é", add_special_tokens=False)
+    assert tok.decode(cut[:-1]) != tok.decode(cut)  # the last token is half of é's two bytes
+    TokenLLM.ids = [*cut[:-1], tok.convert_tokens_to_ids("<|im_end|>")]
+    backend = VLLMBackend(str(tiny_model_dir))
+    [out] = backend.generate([_req(0)], GenerationConfig(max_new_tokens=8))
+    assert out.text == processor.batch_decode([TokenLLM.ids], skip_special_tokens=True)[0].strip() != "vLLM's text"
+    params = engines[0].calls[0]["sampling_params"]
+    eos = HFGenerationConfig.from_pretrained(tiny_model_dir).eos_token_id
+    assert params.stop_token_ids == sorted(eos if isinstance(eos, list) else [eos]) and params.detokenize is False
+    banned = [tok.convert_tokens_to_ids(w) for w in params.bad_words]
+    assert sorted(banned) == vision_token_ids(processor) and len(banned) >= 3
+    assert set(backend.policy_differences) == {"kernels"}  # all that remains

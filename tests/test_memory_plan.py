@@ -211,22 +211,34 @@ def test_a_config_json_without_a_model_type_is_refused(tmp_path):
         load_model_config("x", str(bad))
 
 
-def test_a_streamed_sync_setting_is_followed_when_the_trainer_has_one(untied_config):
-    """After the trainer gains `--sync-bucket-mb`, the plan reads it: one bucket in flight, gradients freed first,
-    and no projection of it."""
-    from dataclasses import dataclass
+def test_the_weight_sync_copy_is_one_bucket_of_whole_groups(untied_config):
+    """--sync-bucket-mb: the sync holds one bucket in the engine's dtype (bf16), made of whole groups (a module's
+    parent's weights, which vLLM fuses), so a group larger than the bucket goes alone; never more than the whole
+    model. Gradients are freed before the sync. Hand-computed from the real unsharded model."""
+    from collections import Counter
+
+    import torch
+    from transformers import AutoModelForImageTextToText
 
     from vopd_train.plan import projections
 
-    @dataclass
-    class WithBucket(DistillConfig):
-        sync_bucket_mb: int = 64
+    torch.manual_seed(0)
+    groups: Counter = Counter()
+    for name, p in AutoModelForImageTextToText.from_config(untied_config).named_parameters():
+        groups[".".join(name.split(".")[:-2])] += p.numel()
+    whole, largest = 2 * sum(groups.values()), 2 * max(groups.values())
+    assert largest < whole
 
-    streamed = WithBucket(model="m", data="x", out="y", rollout_engine="vllm").validate()
-    plan = plan_memory("tiny", untied_config, streamed, Setting(2, 80))
-    rows = {r.name: r.phases for r in plan.rows}
-    assert rows["weight sync copy"]["weight sync"] == 64 * 2**20
+    def sync_row(bucket_mb: float) -> dict:
+        plan = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm", sync_bucket_mb=bucket_mb),
+                           Setting(2, 80))
+        return {r.name: r.phases for r in plan.rows}
+
+    rows = sync_row(64)  # the tiny model is smaller than one bucket
+    assert rows["weight sync copy"]["weight sync"] == whole
     assert rows["gradients"]["weight sync"] == rows["gradients"]["rollout"] == 0 < rows["gradients"]["training"]
+    assert sync_row(1e-4)["weight sync copy"]["weight sync"] == largest  # 104 bytes: the largest group alone
+    mid = (largest + whole) / 2 / 2**20
+    assert sync_row(mid)["weight sync copy"]["weight sync"] == int(mid * 2**20) // 2 * 2
+    plan = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm"), Setting(2, 80))
     assert not any("sync streamed" in what for what, _ in projections(plan))
-    today = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm"), Setting(2, 80))
-    assert any("sync streamed" in what for what, _ in projections(today))

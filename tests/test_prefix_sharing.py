@@ -66,7 +66,10 @@ def test_shared_prefix_losses_and_gradients_equal_the_plain_path(family, recompu
     plain, plain_grads = _losses_and_grads(model, student, teacher, share=False)
     if recomputed:
         recompute.enable(model)
-        assert why_not_shared(model) is None
+        # a transformers release that updates Qwen3.5's linear-attention cache in place (the declared floor, 5.7)
+        # cannot replay it: the shared path then falls back to the plain one, says why, and must still agree
+        assert why_not_shared(model) == recompute.why_not_replayable(model)
+        assert why_not_shared(model) is None or family == "qwen3.5"
     shared, shared_grads = _losses_and_grads(model, student, teacher, share=True)
 
     assert shared.loss.shape == (sum(RESPONSE_LENGTHS),) and plain.loss.abs().min() > 0

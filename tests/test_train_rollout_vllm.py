@@ -1,10 +1,11 @@
 """`VLLMRolloutEngine` through tests/fake_vllm.py, which follows vLLM 0.33.0's API (`LLM(...)`, `LLM.generate`,
-`SamplingParams`, `collective_rpc` with the worker's `get_model().load_weights`, cache resets, sleep/wake);
-test_vllm_conformance.py checks the fake against the real package.
+`SamplingParams`, `collective_rpc` with the worker's `reload_weights`, cache resets, sleep/wake, the platform);
+test_vllm_conformance.py checks the fake against the real package, and tests/real_vllm/ runs the same paths on a
+real engine (vLLM's CPU release).
 
-Real vLLM needs a GPU. What these tests pin down is what the engine asks of vLLM and what it does with the
-answers; the end-to-end tests use a fake whose rollouts come from its own copy of the tiny model (sampled with
-transformers), kept up to date only through `sync_weights`, so a missing or wrong sync shows up in its outputs.
+What these tests pin down is what the engine asks of vLLM and what it does with the answers; the end-to-end
+tests use a fake whose rollouts come from its own copy of the tiny model (sampled with transformers), kept up to
+date only through `sync_weights`, so a missing or wrong sync shows up in its outputs.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ class ScriptedLLM(fake_vllm.LLM):
         return fake_vllm.RequestOutput(str(self._next), prompt["prompt"], ids, None, comps)
 
 
-class RecordingModel:
+class RecordingModel(torch.nn.Module):
     """vLLM's model side of `load_weights`: records what it is sent."""
 
     def __init__(self):
+        super().__init__()
         self.loads: list[dict[str, torch.Tensor]] = []
 
     def load_weights(self, weights):
@@ -71,7 +73,7 @@ class RecordingModel:
 
 @pytest.fixture
 def fake_vllm_module(monkeypatch):
-    """A `vllm` module whose LLM(...) records its arguments and builds what `factory` returns."""
+    """A `vllm` module on a CPU platform whose LLM(...) records its arguments and builds what `factory` returns."""
     made = []
     state = {"factory": lambda **kw: ScriptedLLM(**kw)}
 
@@ -80,9 +82,10 @@ def fake_vllm_module(monkeypatch):
         made.append((kwargs, llm))
         return llm
 
-    fake_vllm.install(monkeypatch, make_llm)
+    module = fake_vllm.install(monkeypatch, make_llm)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    return SimpleNamespace(made=made, state=state)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    return SimpleNamespace(made=made, state=state, module=module)
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -173,6 +176,7 @@ def test_prompt_ids_must_match_the_trainers(fake_vllm_module, tiny, prompts, tin
 
 def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm_module, tiny, prompts, tiny_model_dir):
     _, processor = tiny
+    fake_vllm_module.module.platforms.current_platform = fake_vllm.Platform("cuda", sleep=True)
     engine = VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.3, seed=5, dtype="bfloat16",
                                max_model_len=2048, enable_sleep_mode=True, enforce_eager=True)
     assert fake_vllm_module.made == []  # nothing started yet
@@ -187,6 +191,61 @@ def test_engine_is_built_lazily_in_process_with_the_settings(fake_vllm_module, t
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # so that the model is reachable for the sync
     with pytest.raises(VopdError, match="utilization"):
         VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.0)
+    with pytest.raises(VopdError, match="--vllm-dtype must be one of"):
+        VLLMRolloutEngine("toy", processor, dtype="auto")
+
+
+def test_on_a_cpu_the_kv_cache_is_a_share_of_what_the_host_can_spare(fake_vllm_module, tiny, prompts, monkeypatch):
+    """vLLM on a CPU would reserve its share of the host's *total* memory for every engine (two engines at 0.5
+    were the whole machine): each gets the share of the available memory, split over the ranks on the host."""
+    import psutil
+
+    from vopd_bench.distributed import Place
+    from vopd_train.rollout_vllm import engine_memory
+
+    _, processor = tiny
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=10 * 2**30, total=64 * 2**30))
+    VLLMRolloutEngine("toy", processor, gpu_memory_utilization=0.4).generate(prompts[:1], SamplingSettings(n=1))
+    [(kwargs, _)] = fake_vllm_module.made
+    assert kwargs["kv_cache_memory_bytes"] == int(0.4 * 10 * 2**30) and "gpu_memory_utilization" not in kwargs
+    two = Place(rank=1, world_size=2, local_rank=1)
+    assert engine_memory(0.4, two, "cpu", available=10 * 2**30, environ={}) == {
+        "kv_cache_memory_bytes": int(0.4 * 10 * 2**30 / 2)}
+    # torchrun's LOCAL_WORLD_SIZE counts the ranks of this host only
+    four = Place(rank=3, world_size=4, local_rank=1)
+    assert engine_memory(0.4, four, "cpu", available=8 * 2**30, environ={"LOCAL_WORLD_SIZE": "2"}) == {
+        "kv_cache_memory_bytes": int(0.4 * 8 * 2**30 / 2)}
+    # GPUs: one rank per GPU keeps the whole share; ranks beyond the GPU count share one
+    assert engine_memory(0.4, two, "cuda", gpus=2, environ={}) == {"gpu_memory_utilization": 0.4}
+    assert engine_memory(0.4, four, "cuda", gpus=2, environ={"LOCAL_WORLD_SIZE": "4"}) == {
+        "gpu_memory_utilization": 0.2}
+
+
+def test_under_torchrun_each_rank_starts_its_own_engine_seeded_by_its_rank(fake_vllm_module, tiny, prompts):
+    from vopd_bench.distributed import Place
+
+    _, processor = tiny
+    for rank in (0, 1):
+        engine = VLLMRolloutEngine("toy", processor, seed=7, place=Place(rank=rank, world_size=2, local_rank=rank))
+        engine.generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
+    (first, _), (second, _) = fake_vllm_module.made
+    assert first["distributed_executor_backend"] == second["distributed_executor_backend"] == "external_launcher"
+    assert (first["seed"], second["seed"]) == (7, 8)
+    VLLMRolloutEngine("toy", processor, seed=7).generate(prompts[:1], SamplingSettings(n=1, max_new_tokens=2))
+    assert "distributed_executor_backend" not in fake_vllm_module.made[-1][0]  # one process: vLLM's own default
+
+
+def test_sleep_mode_without_a_platform_for_it_is_refused_before_any_work(fake_vllm_module, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
+    import vopd_train.trainer as trainer
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the refusal")
+
+    monkeypatch.setattr(trainer, "load_prompts", no_data)
+    with pytest.raises(VopdError, match=r"^--vllm-sleep-mode: vLLM has no sleep mode on this platform \(cpu\)"):
+        Distiller(vllm_cfg(tiny_model_dir, tmp_path / "sleepy", vllm_sleep_mode=True))
+    assert fake_vllm_module.made == []
 
 
 def test_multiprocessing_mode_is_set_and_a_conflicting_setting_refused(fake_vllm_module, monkeypatch, tiny, prompts):
@@ -305,8 +364,9 @@ def test_sleep_mode_wakes_what_each_call_needs(fake_vllm_module, tiny, prompts, 
     engine.sync_weights(torch.nn.Linear(2, 2))
     engine.generate(prompts[:1], settings)
     assert llm.events == [("sleep", 1),  # after the rollouts: weights to CPU, KV cache freed
-                          ("wake_up", ["weights"]), ("collective_rpc", "load_weights_on_worker"),
-                          ("reset_prefix_cache",), ("reset_encoder_cache",),
+                          ("wake_up", ["weights"]), ("collective_rpc", "reload_weights_on_worker"),
+                          ("collective_rpc", "refresh_tied_layers"),
+                          ("reset_prefix_cache",), ("reset_encoder_cache",), ("reset_mm_cache",),
                           ("wake_up", ["kv_cache"]),  # the weights are back already
                           ("sleep", 1)]
 
@@ -346,9 +406,10 @@ def test_sync_sends_the_checkpoint_as_save_pretrained_writes_it(fake_vllm_module
         assert sent[k].shape == saved[k].shape and torch.equal(sent[k], saved[k]), k
     # views of the live parameters, not copies
     assert sent["model.embed_tokens.weight"].data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    # through collective_rpc with a module-level function (never a closure), then the caches built on the old weights
-    assert llm.events == [("collective_rpc", "load_weights_on_worker"), ("reset_prefix_cache",),
-                          ("reset_encoder_cache",)]
+    # through collective_rpc with a module-level function (never a closure) calling the worker's in-place reload,
+    # then the caches built on the old weights, on the engine's side too
+    assert llm.events == [("collective_rpc", "reload_weights_on_worker"), ("collective_rpc", "refresh_tied_layers"),
+                          ("reset_prefix_cache",), ("reset_encoder_cache",), ("reset_mm_cache",)]
 
 
 def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
@@ -363,12 +424,17 @@ def test_lora_sync_sends_each_adapted_layer_merged(tiny_model_dir):
                 p.normal_(0, 0.1)
     sent = export_weights(peft_model)
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    saved_names = set(load_file(tiny_model_dir / "model.safetensors"))
-    want = {k for k in saved_names if k.endswith(("q_proj.weight", "fc1.weight"))}
-    assert set(sent) == want and len(want) == 4  # 2 text q_proj + 2 vision fc1, under checkpoint names
+    saved = load_file(tiny_model_dir / "model.safetensors")
+    adapted = {k for k in saved if k.endswith(("q_proj.weight", "fc1.weight"))}
+    assert len(adapted) == 4  # 2 text q_proj + 2 vision fc1, under checkpoint names
+    # each adapted layer goes with its whole group (vLLM rebuilds q, k and v as one fused layer): the attention's
+    # projections and biases, the vision MLP's two layers; nothing else
+    want = {k for k in saved if ".self_attn." in k or (k.startswith("visual.blocks.") and ".mlp." in k)}
+    assert set(sent) == want and len(want) == 2 * 7 + 2 * 4
     reference = export_weights(merged)  # the merged model's own checkpoint tensors
     for k in want:
         torch.testing.assert_close(sent[k], reference[k], rtol=0, atol=1e-6)
+        assert torch.equal(sent[k], saved[k]) == (k not in adapted), k  # only the adapted ones changed
     # and by hand for one layer: W + (α/r)·B·A
     layer = peft_model.get_base_model().model.language_model.layers[0].self_attn.q_proj
     by_hand = layer.base_layer.weight + (8 / 4) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
@@ -382,12 +448,12 @@ def test_the_sync_function_survives_pickling_and_a_closure_would_not(fake_vllm_m
     module-level function). The fake does the same, so a closure in the sync path fails these tests."""
     import pickle
 
-    from vopd_train.rollout_vllm import load_weights_on_worker
+    from vopd_train.rollout_vllm import reload_weights_on_worker
 
-    assert pickle.loads(pickle.dumps(load_weights_on_worker)) is load_weights_on_worker
+    assert pickle.loads(pickle.dumps(reload_weights_on_worker)) is reload_weights_on_worker
     recorder = RecordingModel()
     llm = ScriptedLLM(weights_model=recorder)
-    assert llm.collective_rpc(load_weights_on_worker, args=([("w", torch.ones(2))],)) == [1]
+    assert llm.collective_rpc(reload_weights_on_worker, args=([("w", torch.ones(2))],)) == [1]
     assert torch.equal(recorder.loads[0]["w"], torch.ones(2))
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         llm.collective_rpc(lambda worker: None)
@@ -413,7 +479,8 @@ class HFBackedLLM(fake_vllm.LLM):
         self.by_ckpt = {next(iter(revert_weight_conversion(self.model, {n: torch.zeros(1)}))): n
                         for n in self.model.state_dict()}
         self.params = dict(self.model.named_parameters())
-        self.worker = fake_vllm.Worker(SimpleNamespace(load_weights=self.load_weights))
+        self.model.load_weights = self.load_weights  # vLLM's models load by checkpoint name
+        self.worker = fake_vllm.Worker(self.model)
 
     def load_weights(self, weights):
         record = {}
@@ -468,7 +535,9 @@ def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm_module
     fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
     d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "run"))
     [(kwargs, llm)] = fake_vllm_module.made  # built by the trainer from the config, at start
-    assert kwargs["gpu_memory_utilization"] == 0.4 and kwargs["seed"] == 0 and kwargs["model"] == str(tiny_model_dir)
+    assert kwargs["seed"] == 0 and kwargs["model"] == str(tiny_model_dir) and "kv_cache_memory_bytes" in kwargs
+    assert kwargs["dtype"] == "float32" == d.cfg.vllm_dtype  # the trainer's compute dtype on a CPU, resolved
+    assert "vllm_dtype: float32" in (tmp_path / "run" / "config.yaml").read_text()
     assert isinstance(d.engine, VLLMRolloutEngine) and d.engine.eos_ids == [eos_id(d.processor)]
     start = {n: p.detach().clone() for n, p in d.model.named_parameters()}
     history = [d.train_step(k) for k in range(2)]
@@ -478,7 +547,7 @@ def test_trainer_trains_on_vllm_rollouts_and_keeps_vllm_in_sync(fake_vllm_module
         assert torch.equal(llm.params[n], p), n
     saved = load_file(tiny_model_dir / "model.safetensors")
     assert len(llm.loaded) == 2 and llm.loaded[0] == {k: tuple(v.shape) for k, v in saved.items()}
-    assert llm.resets == 4  # prefix and encoder caches, at each sync
+    assert llm.resets == 4  # the prefix and encoder caches, at each sync
     # vLLM's log-probs are the behaviour policy of the importance weight: the rollouts come from the synced
     # weights, so the weight is 1 at step 1 and at step 2 (a stale vLLM would give another value at step 2)
     for s in history:
@@ -513,10 +582,83 @@ def test_lora_run_syncs_the_merged_adapter_and_resume_resyncs(fake_vllm_module, 
     merged = dict(copy.deepcopy(d.model).merge_and_unload().named_parameters())
     for n, p in llm.params.items():
         torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
-    assert all(k.endswith(".weight") and "lora" not in k for k in llm.loaded[0])
+    assert all("lora" not in k and "base_layer" not in k for k in llm.loaded[0])
     # a resumed run starts a fresh vLLM from the starting checkpoint: the trainer syncs it before any rollout
     resumed = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "lora", lora=True, lora_rank=4, steps=2, save_every=1))
     fresh = fake_vllm_module.made[-1][1]
     assert resumed.step == 1 and len(fresh.loaded) == 1
     for n, p in fresh.params.items():
         torch.testing.assert_close(p, merged[n], rtol=0, atol=1e-6)
+
+
+def test_the_engine_samples_in_the_trainers_compute_dtype_unless_told(fake_vllm_module, tiny_model_dir, tmp_path):
+    from vopd_train.rollout_vllm import trainer_compute_dtype
+
+    assert trainer_compute_dtype("float32", "cpu") == "float32"  # the trainer scores in float32 here
+    assert trainer_compute_dtype("float32", "cuda:0") == "bfloat16"  # float32 master weights under bf16 autocast
+    assert trainer_compute_dtype("bfloat16", "cpu") == "bfloat16"
+    Distiller(vllm_cfg(tiny_model_dir, tmp_path / "asked", vllm_dtype="bfloat16"))
+    assert fake_vllm_module.made[-1][0]["dtype"] == "bfloat16"
+    assert "vllm_dtype: bfloat16" in (tmp_path / "asked" / "config.yaml").read_text()
+
+
+def test_gradients_are_freed_before_the_sync_gathers(fake_vllm_module, tiny_model_dir, tmp_path):
+    """A sync gathers the weights while the trainer holds its state: the gradients must be gone by then."""
+    fake_vllm_module.state["factory"] = lambda **kw: HFBackedLLM(**kw)
+    d = Distiller(vllm_cfg(tiny_model_dir, tmp_path / "grads", steps=1))
+    seen = []
+    load = d.engine.llm.load_weights
+
+    def recording(weights):
+        seen.append(sum(p.grad is not None for p in d.model.parameters()))
+        load(weights)
+
+    d.engine.llm.load_weights = recording
+    d.engine.llm.worker = fake_vllm.Worker(SimpleNamespace(load_weights=recording, modules=lambda: []))
+    d.train_step(0)
+    assert seen == [0]
+
+
+def test_close_shuts_the_engine_down_now_or_when_the_trainers_group_goes(fake_vllm_module, tiny, prompts):
+    """vLLM's engine shutdown tears down the process's default group: in one process that group is vLLM's own
+    (shut down now, before vopd destroys it at exit, which would leave vLLM's own shutdown a traceback); under
+    torchrun it is the trainer's, so the engine goes when vopd leaves the group (`distributed.shutdown`)."""
+    from vopd_bench import distributed
+    from vopd_bench.distributed import Place
+
+    _, processor = tiny
+    stopped = []
+
+    def engine(place):
+        e = VLLMRolloutEngine("toy", processor, place=place, llm=ScriptedLLM())
+        e.llm.llm_engine.engine_core = SimpleNamespace(shutdown=lambda: stopped.append(place.rank))
+        return e
+
+    engine(Place()).close()
+    assert stopped == [0]
+    engine(Place(rank=1, world_size=2, local_rank=1)).close()
+    assert stopped == [0]  # not yet: the trainer still needs its process group
+    distributed.shutdown()
+    assert stopped == [0, 1]
+
+
+def test_a_sync_redoes_the_processing_of_tied_layers_only():
+    """vLLM's in-place reload never loads a tied LM head itself; on a CPU its kernel keeps a packed copy of the
+    starting matrix (tests/real_vllm/ saw the logits come from the old embeddings) unless it is processed again."""
+    from vopd_train.rollout_vllm import refresh_tied_layers
+
+    redone = []
+
+    class Method:
+        def process_weights_after_loading(self, layer):
+            redone.append(layer.tag)
+
+    def layer(tag, weight):
+        m = torch.nn.Module()
+        m.weight, m.quant_method, m.tag = weight, Method(), tag
+        return m
+
+    shared = torch.nn.Parameter(torch.ones(4, 2))
+    model = torch.nn.ModuleList([layer("embed", shared), layer("head", shared),
+                                 layer("mlp", torch.nn.Parameter(torch.ones(2, 2)))])
+    assert refresh_tied_layers(fake_vllm.Worker(model)) == 2 and sorted(redone) == ["embed", "head"]

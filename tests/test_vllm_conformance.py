@@ -68,14 +68,49 @@ def test_the_engine_and_the_worker_pieces_live_where_the_fake_puts_them():
 def test_in_process_rpc_calls_a_module_level_function_on_the_worker_unserialised():
     from vllm.v1.serial_utils import run_method
 
-    from vopd_train.rollout_vllm import load_weights_on_worker
+    from vopd_train.rollout_vllm import reload_weights_on_worker
 
     loaded = []
-    model = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
     tensor = object()  # not picklable-by-value anything: it must arrive as the very object
-    worker = SimpleNamespace(get_model=lambda: model)
-    assert run_method(worker, load_weights_on_worker, ([("w", tensor)],), {}) == 1
+    worker = SimpleNamespace(reload_weights=lambda weights_iterator, is_checkpoint_format: loaded.extend(
+        weights_iterator))
+    assert run_method(worker, reload_weights_on_worker, ([("w", tensor)],), {}) == 1
     assert loaded == [("w", tensor)] and loaded[0][1] is tensor
+
+
+def test_the_workers_in_place_reload_is_what_the_sync_calls():
+    """The GPU and CPU workers both forward `reload_weights` to the model runner, whose signature the fake
+    worker has; the reload loads checkpoint-format weights layer by layer and keeps the layers it is not sent."""
+    from vllm.model_executor.model_loader.reload import inplace
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert "self.model_runner.reload_weights(*args, **kwargs)" in inspect.getsource(Worker.reload_weights)
+    assert_fake_matches(fake_vllm.Worker.reload_weights, GPUModelRunner.reload_weights)
+    assert "initialize_layerwise_reload" in inspect.getsource(inplace.reload_weights)
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    except ImportError:  # a CUDA build may leave the CPU worker out
+        return
+    assert issubclass(CPUWorker, Worker) and "reload_weights" not in vars(CPUWorker)
+
+
+def test_the_tied_head_refresh_calls_what_unquantized_layers_have():
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    assert "layer" in params(UnquantizedEmbeddingMethod.process_weights_after_loading)
+
+
+def test_platform_and_engine_memory_arguments():
+    from vllm.config.parallel import DistributedExecutorBackend
+    from vllm.platforms import current_platform
+
+    assert isinstance(current_platform.device_type, str)
+    assert isinstance(current_platform.is_sleep_mode_available(), bool)
+    assert "external_launcher" in typing.get_args(DistributedExecutorBackend)
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert {"kv_cache_memory_bytes", "distributed_executor_backend", "enable_prefix_caching"} <= fields
+    assert_fake_matches(fake_vllm.Platform.is_sleep_mode_available, type(current_platform).is_sleep_mode_available)
 
 
 def test_multiprocessing_switch_reads_the_variable_vopd_sets(monkeypatch):

@@ -63,7 +63,8 @@ GAP_REPORT_PANELS = {
     "Focus and selfcrop": ("focus", "focus_layer", "selfcrop_method", "selfcrop_window"),
     "Output": ("out", "force", "quiet"),
     "Backend": ("backend", "batch_size", "trust_remote_code", "threads", "tensor_parallel_size", "max_model_len",
-                "base_url", "model_name", "api_key_env", "concurrency", "request_timeout", "image_format"),
+                "vllm_dtype", "base_url", "model_name", "api_key_env", "concurrency", "request_timeout",
+                "image_format"),
     "Judge": ("judge_base_url", "judge_model", "judge_api_key_env"),
 }
 
@@ -110,6 +111,9 @@ def gap_report(
                                                     "toy, whose ops are too small to split]"),
     tensor_parallel_size: int = typer.Option(1, help="vllm backend: GPUs per model replica."),
     max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap. [default: the model's]"),
+    vllm_dtype: str | None = typer.Option(None, help="vllm backend: float32, bfloat16 or float16. [default: the dtype "
+                                                      "the hf backend would use: bfloat16 on a GPU that has it, "
+                                                      "else float32]"),
     no_thinking: bool = typer.Option(False, "--no-thinking",
                                      help="Pass enable_thinking=false to the chat template (Qwen3/3.5 non-thinking mode)."),
     judge_base_url: str | None = typer.Option(None, help="OpenAI-compatible server of an LLM judge for answers the "
@@ -146,7 +150,8 @@ def gap_report(
         backend_options = {"base_url": base_url, "model_name": model_name or model, "api_key_env": api_key_env,
                            "concurrency": concurrency, "timeout": request_timeout, "image_format": image_format}
     elif backend == "vllm":
-        backend_options = {"tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len, "seed": seed}
+        backend_options = {"tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len, "seed": seed,
+                           "dtype": vllm_dtype}
     judge = None
     if judge_base_url or judge_model:
         if not (judge_base_url and judge_model):

@@ -135,6 +135,17 @@ def all_reduce_max(value: int, device: str | torch.device = "cpu") -> int:
     return int(t.item())
 
 
+_BEFORE_SHUTDOWN: list[Any] = []
+
+
+def before_shutdown(fn: Any) -> None:
+    """Run `fn` when this process leaves its process group (`shutdown`), before the group goes: for what tears
+    the group down itself (vLLM's engine shutdown destroys the default group), which must come last."""
+    _BEFORE_SHUTDOWN.append(fn)
+
+
 def shutdown() -> None:
+    while _BEFORE_SHUTDOWN:
+        _BEFORE_SHUTDOWN.pop()()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

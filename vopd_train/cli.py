@@ -84,6 +84,9 @@ def _run_distill(cfg: DistillConfig, preset: dict[str, Any] | None, *, engine: A
         result = trainer.train()
     finally:
         display.stop()
+        close = getattr(trainer.engine, "close", None)  # a vLLM engine shuts down while its process groups exist
+        if close is not None:
+            close()
     out.print(f"model: {result.model_dir}  ({result.seconds:.0f} s)", highlight=False, soft_wrap=True)
     if result.best is not None:
         out.print(f"kept step {result.best.step} of {trainer.step}: {result.best.why()}, "
@@ -177,7 +180,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Evaluation": ("keep_best", "keep_last", "focus"),  # and eval_*, remeasure* by prefix
     "Scale": ("device", "threads", "micro_batch_size", "loss_chunk_size", "gradient_checkpointing",
               "prefix_sharing", "dist_timeout", "profile"),
-    "vLLM": (),  # vllm_* by prefix
+    "vLLM": ("sync_bucket_mb",),  # and vllm_* by prefix
     "Output": ("out", "save_every", "restart", "quiet", "log_every"),
 }
 PANEL_PREFIXES = (("vllm_", "vLLM"), ("eval_", "Evaluation"), ("remeasure", "Evaluation"), ("lora", "Model"))

@@ -53,7 +53,18 @@ class DistillConfig:
                                      "every update; needs vopd's `vllm` extra). vLLM reports each token's "
                                      "log-prob, so add --importance-weight to correct for its kernels and dtype.")
     vllm_gpu_memory_utilization: float = _opt(0.5, "Fraction of the GPU's memory vLLM may take (weights and KV "
-                                                   "cache); the rest is left for training.")
+                                                   "cache); the rest is left for training. Engines sharing a GPU "
+                                                   "split it. On a CPU: the share of the host's available memory "
+                                                   "for the KV caches, split between the ranks on the host.")
+    vllm_eager: bool = _opt(False, "Run vLLM without compilation or CUDA graphs: starts in seconds "
+                                           "instead of a minute or more, generates more slowly.")
+    vllm_dtype: str = _opt("auto", "vLLM's dtype: auto (the trainer's compute dtype: float32 on a CPU, bfloat16 "
+                                   "on a GPU or with --dtype bfloat16), float32, bfloat16 or float16. Recorded "
+                                   "resolved in config.yaml.")
+    sync_bucket_mb: float = _opt(512.0, "Largest bucket of a weight sync into vLLM, in MiB: the weights are cast "
+                                        "to vLLM's dtype, gathered and loaded a bucket at a time, so a sync needs "
+                                        "at most this much extra memory (or one decoder layer's attention or MLP, "
+                                        "if larger).")
     vllm_max_model_len: int | None = _opt(None, "vLLM's longest sequence (prompt + rollout); none = the model's.")
     vllm_sleep_mode: bool = _opt(False, "Let vLLM sleep between rollouts (weights to CPU memory, KV cache freed) "
                                         "so training gets that GPU memory back.")
@@ -183,6 +194,9 @@ class DistillConfig:
         need(self.rollout_engine in ROLLOUT_ENGINES, f"--rollout-engine must be one of {', '.join(ROLLOUT_ENGINES)}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
         need(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1, "--vllm-max-model-len must be ≥ 1")
+        need(self.vllm_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--vllm-dtype must be auto, float32, bfloat16 or float16")
+        need(self.sync_bucket_mb > 0, "--sync-bucket-mb must be positive")
         need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be ≥ 1")
         need(self.keep_best in KEEP_BEST, f"--keep-best must be one of {', '.join(KEEP_BEST)}")
         need(self.crop_anchor >= 0, "--crop-anchor must be ≥ 0")
@@ -203,7 +217,7 @@ class DistillConfig:
 # The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
                 "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
-                "focus", "profile", "dist_timeout"}
+                "focus", "profile", "dist_timeout", "sync_bucket_mb", "vllm_eager"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.

@@ -85,6 +85,8 @@ class Layout:
     gathered_bytes: int  # the largest set of units all-gathered at once, in the compute dtype
     unit_grad_bytes: int  # the largest unit's unsharded trainable gradient during its reduce-scatter (fp32)
     adapted_elements: int  # LoRA: the base weights of the adapted layers (what a LoRA sync sends)
+    sync_elements: int  # what a weight sync sends (vopd_train.weight_sync.sync_groups: LoRA, the adapted groups)
+    largest_sync_group: int  # elements of its largest group, which a bucket holds whole however small
     param_bytes: int  # bytes per element of the weights (cfg.dtype)
     units: int  # FSDP units
     vision_trainable: bool
@@ -241,6 +243,9 @@ def read_layout(model: Any, world_size: int, why_not: str | None = None) -> Layo
             if w is not None:
                 adapted += w.numel()
 
+    from vopd_train.weight_sync import sync_groups
+
+    group_sizes = [sum(e.param.numel() for e in g.entries) for g in sync_groups(model)]
     vision_trainable = any(p.requires_grad and (".visual." in n or n.startswith("visual."))
                            for n, p in params.items())
     elem = next((p.element_size() for n, p in params.items() if ".lora_" not in n), 4)
@@ -248,7 +253,8 @@ def read_layout(model: Any, world_size: int, why_not: str | None = None) -> Layo
                   trainable_elements=trainable_n, replicated_bytes=replicated,
                   replicated_trainable_bytes=replicated_trainable, replicated_names=tuple(repl_names),
                   adapter_bytes=adapter, engine_elements=engine, gathered_bytes=gathered,
-                  unit_grad_bytes=max(own_train.values(), default=0), adapted_elements=adapted, param_bytes=elem,
+                  unit_grad_bytes=max(own_train.values(), default=0), adapted_elements=adapted,
+                  sync_elements=sum(group_sizes), largest_sync_group=max(group_sizes, default=0), param_bytes=elem,
                   units=len(units), vision_trainable=vision_trainable, prefix_shared=why_not is None,
                   why_not_shared=why_not)
 
@@ -536,10 +542,11 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
     kv_needed = per_rank * (seq_len * shapes.kv_bytes_per_token() + shapes.state_bytes_per_sequence())
     if vllm:
         share = int(cfg.vllm_gpu_memory_utilization * setting.gpu_gib * GIB)
-        engine_w = lay.engine_elements * 2  # vLLM loads the checkpoint's bfloat16 ("auto")
+        engine_bytes = 4 if cfg.vllm_dtype == "float32" else 2  # `auto` is the trainer's compute dtype: bf16 on GPUs
+        engine_w = lay.engine_elements * engine_bytes
         kv_budget = share - engine_w - VLLM_WORKING
         asleep = cfg.vllm_sleep_mode
-        add("engine weights (vLLM, bf16)", f"{lay.engine_elements:,} parameters, one engine per GPU",
+        add(f"engine weights (vLLM, {'fp32' if engine_bytes == 4 else 'bf16'})", f"{lay.engine_elements:,} parameters, one engine per GPU",
             training=0 if asleep else engine_w, weight_sync=engine_w, rollout=engine_w)
         add("engine working memory (vLLM)", "profiled activations and CUDA graphs (estimate)",
             training=0 if asleep else VLLM_WORKING, rollout=VLLM_WORKING)
@@ -548,8 +555,11 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
             training=0 if asleep else max(kv_budget, 0), weight_sync=0 if asleep else max(kv_budget, 0),
             rollout=max(kv_budget, 0))
         bucket = getattr(cfg, "sync_bucket_mb", None)
-        if bucket:
-            sync, sync_how = int(bucket * 2**20), f"one bucket of {bucket} MB"
+        if bucket:  # buckets of whole groups: one group larger than a bucket goes alone (vopd_train.weight_sync)
+            sync = min(lay.sync_elements, max(int(bucket * 2**20) // engine_bytes, lay.largest_sync_group))
+            sync *= engine_bytes
+            sync_how = (f"one bucket of at most {bucket:g} MiB in the engine's dtype (or the largest group, "
+                        f"{lay.largest_sync_group:,} elements, if larger)")
         elif cfg.lora:
             sync = lay.adapted_elements * lay.param_bytes
             sync_how = "every merged adapted layer gathered whole at once"

@@ -20,6 +20,7 @@ and `generate` reads it to place every later token. The offset is expanded n-fol
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,19 @@ from torch import Tensor
 # Model types whose shared prefix is proven exact against the plain path: for scoring (tests/test_prefix_sharing.py)
 # and for rollouts (tests/test_rollout_prefill.py).
 SHARED_MODEL_TYPES: frozenset[str] = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"})
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward with `use_cache=True` returned: `out.cache` from transformers 5.24 on, where the key
+    and value cache was renamed; `out.past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def cache_keyword(module: Any) -> str:
+    """The keyword `module`'s forward (and `generate`) takes a cache by: `cache` from transformers 5.24 on
+    (`past_key_values` still accepted there, with a deprecation warning), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def why_not_prefilled_once(model_type: str | None, inputs: Mapping[str, Tensor]) -> str | None:
@@ -53,7 +67,7 @@ def generate_from_shared_prefill(model: Any, base: Any, inputs: Mapping[str, Ten
     vision = {k: v for k, v in inputs.items() if k not in token_keys}
     head = {k: v[:, :-1] for k, v in tokens.items()}
     base.rope_deltas = None  # a stale offset from an earlier batch must not place this prefill's tokens
-    cache = base(**head, **vision, use_cache=True).cache
+    cache = output_cache(base(**head, **vision, use_cache=True))
     return continue_from_prefill(model, base, tokens, cache, base.rope_deltas, n, **generate_kwargs)
 
 
@@ -65,7 +79,7 @@ def continue_from_prefill(model: Any, base: Any, tokens: Mapping[str, Tensor], c
     cache.reorder_cache(rows)
     base.rope_deltas = deltas[rows]
     expanded = {k: v[rows] for k, v in tokens.items()}
-    return model.generate(**expanded, cache=cache, **generate_kwargs)
+    return model.generate(**expanded, **{cache_keyword(model): cache}, **generate_kwargs)
 
 
 def detached_cache(cache: Any) -> Any:

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from vopd_bench.modeling import say_once
-from vopd_train.prefill import SHARED_MODEL_TYPES
+from vopd_train import recompute
+from vopd_train.prefill import SHARED_MODEL_TYPES, cache_keyword, output_cache
 from vopd_train.rollout import (
     SeqBatch,
     _autocast,
@@ -52,6 +53,8 @@ def why_not_shared(model: Any) -> str | None:
                 "(its positions or attention masks are not yet checked against the plain path)")
     if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone(model).modules()):
         return "gradient checkpointing disables the cache that prefix sharing runs on"
+    if recompute.enabled(model):
+        return recompute.why_not_replayable(model)
     return None
 
 
@@ -101,7 +104,7 @@ def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
     positions = mrope_positions(base, prefix, vision)
     with _autocast(device):
         out = base(**prefix, **vision, position_ids=positions, use_cache=True)
-        cache = out.cache
+        cache = output_cache(out)
         row_of = {p: i for i, p in enumerate(prompts)}
         rows = torch.tensor([row_of[p] for p in owner], device=device)
         cache.reorder_cache(rows)
@@ -114,7 +117,8 @@ def _batched_hidden(base: Any, batch: SeqBatch) -> Tensor:
         mask = torch.cat([prefix["attention_mask"][rows], resp_mask], 1)
         steps = torch.arange(resp_width, device=device)
         resp_pos = positions.amax(dim=2, keepdim=True)[:, rows] + 1 + steps
-        h = base(**resp, attention_mask=mask, position_ids=resp_pos, cache=cache, use_cache=True).last_hidden_state
+        h = base(**resp, attention_mask=mask, position_ids=resp_pos, use_cache=True,
+                 **{cache_keyword(base): cache}).last_hidden_state
     last = out.last_hidden_state[:, -1]
     return torch.cat([torch.cat([last[row_of[p]][None], h[k, :lengths[k] - 1]]) for k, p in enumerate(owner)])
 

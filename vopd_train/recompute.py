@@ -38,6 +38,27 @@ def enabled(model: nn.Module) -> bool:
     return any(isinstance(m, _Recomputed) for m in model.modules())
 
 
+def why_not_replayable(model: nn.Module) -> str | None:
+    """None when a replayed layer sees `model`'s cache as its first run did; otherwise why not. Releases of
+    transformers before linear-attention cache layers gained their past-recording mode (`record_past`) write the
+    conv window and recurrent state back in place, over the tensors the first run read, so no saved reference can
+    restore them."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    if "linear_attention" not in (getattr(text, "layer_types", None) or ()):
+        return None
+    try:
+        from transformers.cache_utils import LinearAttentionLayer
+    except ImportError:  # pragma: no cover - such a release has no linear-attention cache to replay
+        return None
+    if hasattr(LinearAttentionLayer(), "record_past"):
+        return None
+    import transformers
+
+    return (f"--gradient-checkpointing cannot replay the linear-attention cache on transformers "
+            f"{transformers.__version__} (it is updated in place)")
+
+
 class _Recomputed:
     """Mixed into a layer's class (as FSDP does with its units), so that a copy of the model (a teacher's deep
     copy) recomputes its own layers and not the original's."""

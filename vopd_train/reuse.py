@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd_train.prefill import why_not_prefilled_once
+from vopd_train.prefill import cache_keyword, output_cache, why_not_prefilled_once
 from vopd_train.prefix import mrope_positions, scored_hidden, why_not_shared
 from vopd_train.rollout import (
     EncodedPrompt,
@@ -87,7 +87,7 @@ class PrefillReuse:
         try:
             positions, deltas = mrope_positions(base, head, vision, with_deltas=True)
             with _autocast(tokens["input_ids"].device):
-                cache = base(**head, **vision, position_ids=positions, use_cache=True).cache
+                cache = output_cache(base(**head, **vision, position_ids=positions, use_cache=True))
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise unsupported(self.family.name, "reuse the student's prefill", e) from e
         self.pending = StudentPrefill(tokens, [p.input_ids for p in prompts], cache, positions, deltas)
@@ -118,7 +118,7 @@ class PrefillReuse:
         positions = pre.positions.amax(dim=2, keepdim=True)[:, rows] + 1 + steps
         try:
             with _autocast(device):
-                h = base(**fed, attention_mask=mask, position_ids=positions, cache=cache,
+                h = base(**fed, attention_mask=mask, position_ids=positions, **{cache_keyword(base): cache},
                          use_cache=True).last_hidden_state
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
             raise unsupported(self.family.name, "reuse the student's prefill", e) from e

