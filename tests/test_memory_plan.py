@@ -242,3 +242,29 @@ def test_the_weight_sync_copy_is_one_bucket_of_whole_groups(untied_config):
     assert sync_row(mid)["weight sync copy"]["weight sync"] == int(mid * 2**20) // 2 * 2
     plan = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm"), Setting(2, 80))
     assert not any("sync streamed" in what for what, _ in projections(plan))
+
+
+def test_a_tensor_parallel_engine_holds_a_share_of_its_weights_on_each_gpu(untied_config):
+    """--vllm-tensor-parallel-size K: one engine over K GPUs holds 1/K of its bf16 weights on each, and the share
+    the weights leave goes to the KV cache. Hand-computed from the real unsharded model's parameter count; K must
+    divide the GPUs."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    params = sum(p.numel() for p in AutoModelForImageTextToText.from_config(untied_config).parameters())
+    share = int(0.5 * 80 * GIB)
+
+    def rows(k: int, gpus: int = 4) -> dict:
+        plan = plan_memory("tiny", untied_config, cfg(rollout_engine="vllm", vllm_tensor_parallel_size=k),
+                           Setting(gpus, 80))
+        return {r.name: r.phases for r in plan.rows}
+
+    for k in (1, 2, 4):
+        got = rows(k)
+        assert got["engine weights (vLLM, bf16)"]["rollout"] == params * 2 // k
+        assert got["engine KV cache (vLLM)"]["rollout"] == share - params * 2 // k - 2 * GIB
+    with pytest.raises(VopdError, match="must divide the number of GPUs"):
+        rows(3)
+    with pytest.raises(VopdError, match="≥ 1"):
+        cfg(vllm_tensor_parallel_size=0)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from vopd_bench.errors import VopdError
 from vopd_bench.modeling import load_model, vision_token_ids
@@ -259,7 +260,7 @@ def test_multiprocessing_mode_is_set_and_a_conflicting_setting_refused(fake_vllm
     with pytest.raises(VopdError, match=r"VLLM_ENABLE_V1_MULTIPROCESSING=1 is set, .* unset it or set it to 0"):
         VLLMRolloutEngine("toy", processor).generate(prompts[:1], SamplingSettings(n=1))
     assert fake_vllm_module.made == []  # refused before any engine was built
-    with pytest.raises(VopdError, match="tensor parallel size 1"):
+    with pytest.raises(VopdError, match="needs torchrun"):
         VLLMRolloutEngine("toy", processor, tensor_parallel_size=2)
 
 
@@ -662,3 +663,134 @@ def test_a_sync_redoes_the_processing_of_tied_layers_only():
     model = torch.nn.ModuleList([layer("embed", shared), layer("head", shared),
                                  layer("mlp", torch.nn.Parameter(torch.ones(2, 2)))])
     assert refresh_tied_layers(fake_vllm.Worker(model)) == 2 and sorted(redone) == ["embed", "head"]
+
+
+# ---------------------------------------------------------------------- tensor-parallel engines (--vllm-tensor-parallel-size)
+
+
+def test_tensor_parallel_size_is_refused_in_one_line_before_any_work(fake_vllm_module, tiny, tiny_model_dir,
+                                                                     tmp_path, monkeypatch):
+    """K must be ≥ 1 and divide the ranks; K > 1 in one process is refused (one rank per device). All before the
+    data, the model or an engine loads; the CLI exits non-zero with the one line (`vopd distill ...
+    --vllm-tensor-parallel-size -1` prints `error: --vllm-tensor-parallel-size must be ≥ 1`, exit status 1)."""
+    import vopd_train.trainer as trainer
+    from vopd_bench.cli import _register_commands, app
+    from vopd_bench.distributed import Place
+    from vopd_train.rollout_vllm import check_tensor_parallel
+
+    for k, world in ((1, 1), (1, 3), (2, 2), (2, 4), (4, 4)):
+        check_tensor_parallel(k, world)
+    for k, world, why in ((0, 2, "must be ≥ 1"), (-2, 4, "must be ≥ 1"), (3, 4, r"must divide the number of ranks \(4\)"),
+                          (2, 1, "needs torchrun with a multiple of 2 ranks")):
+        with pytest.raises(VopdError, match=why):
+            check_tensor_parallel(k, world)
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the refusal")
+
+    monkeypatch.setattr(trainer, "load_prompts", no_data)
+    with pytest.raises(VopdError, match=r"^--vllm-tensor-parallel-size 2 needs torchrun .* one rank per device"):
+        Distiller(vllm_cfg(tiny_model_dir, tmp_path / "one", vllm_tensor_parallel_size=2))
+    with pytest.raises(VopdError, match=r"^--vllm-tensor-parallel-size must be ≥ 1$"):
+        Distiller(vllm_cfg(tiny_model_dir, tmp_path / "zero", vllm_tensor_parallel_size=0))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):  # torchrun's environment
+        monkeypatch.setenv(name, value)
+    with pytest.raises(VopdError, match=r"^--vllm-tensor-parallel-size 3 must divide the number of ranks \(4\)$"):
+        Distiller(vllm_cfg(tiny_model_dir, tmp_path / "three", vllm_tensor_parallel_size=3))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    _, processor = tiny
+    with pytest.raises(VopdError, match="must divide the number of ranks"):  # the engine checks too
+        VLLMRolloutEngine("toy", processor, tensor_parallel_size=3, place=Place(0, 4, 0))
+    assert fake_vllm_module.made == []
+
+    _register_commands()
+    res = CliRunner().invoke(app, ["distill", str(tiny_model_dir), "--data", "synthetic:train", "--out",
+                                   str(tmp_path / "cli"), "--rollout-engine", "vllm",
+                                   "--vllm-tensor-parallel-size", "-1"])
+    # the VopdError that `vopd`'s main prints as one line ("error: ...") with exit status 1
+    assert res.exit_code != 0 and isinstance(res.exception, VopdError), res.output
+    assert str(res.exception) == "--vllm-tensor-parallel-size must be ≥ 1"
+
+
+class SeededLLM(fake_vllm.LLM):
+    """Answers as a seeded engine does: each sample's tokens depend only on its prompt's text and seed, not on the
+    other requests of the call; records the calls."""
+
+    def answer(self, prompt, params):
+        comps = []
+        for j in range(params.n):
+            rng = random.Random(f"{prompt['prompt']}|{params.seed + j}")
+            comps.append(fake_vllm.completion([rng.randrange(40, 90) for _ in range(3)],
+                                              [-rng.random() for _ in range(3)], index=j))
+        return fake_vllm.RequestOutput("0", prompt["prompt"], None, None, comps)
+
+
+def thread_groups(world: int, k: int):
+    """all_gather_object within groups of k consecutive simulated ranks, each rank a thread."""
+    import threading
+
+    barriers = [threading.Barrier(k, timeout=30) for _ in range(world // k)]
+    boxes = [[None] * k for _ in range(world // k)]
+
+    def for_rank(rank: int):
+        g, i = divmod(rank, k)
+
+        def gather(obj):
+            boxes[g][i] = obj
+            barriers[g].wait()
+            out = list(boxes[g])
+            barriers[g].wait()  # nobody overwrites its box before every rank has read the group's
+            return out
+
+        return gather
+
+    return for_rank
+
+
+def test_tensor_parallel_ranks_generate_their_groups_prompts_and_keep_their_own(fake_vllm_module, tiny):
+    """Four ranks, K = 2: groups {0, 1} and {2, 3}. Every rank's engine is asked its group's prompts and seeds in
+    rank order (the ranks of one engine must be handed the same requests); each rank keeps exactly its own
+    rollouts, numbered as its own prompts, equal to what a K = 1 engine gives for them. A rank with no prompt
+    still takes part. Each engine is seeded by its group, its ranks alike."""
+    import threading
+
+    from vopd_bench.distributed import Place
+
+    _, processor = tiny
+    fake_vllm_module.state["factory"] = lambda **kw: SeededLLM(**kw)
+    texts = [f"What is in box {i}?" for i in range(6)]
+    images = [Image.new("RGB", (64 + 8 * i, 64), (40 * i, 30, 30)) for i in range(6)]
+    every = encode_prompts(processor, images, texts)
+    counts = [2, 1, 0, 3]  # uneven, one empty: a wrong offset or order cannot go unseen
+    starts = [sum(counts[:r]) for r in range(4)]
+    own = [every[s:s + c] for s, c in zip(starts, counts, strict=True)]
+    seeds = [[1000 + 17 * (s + i) for i in range(c)] for s, c in zip(starts, counts, strict=True)]
+    gather = thread_groups(4, 2)
+    engines = [VLLMRolloutEngine("toy", processor, seed=7, place=Place(r, 4, r), tensor_parallel_size=2,
+                                 group_gather=gather(r)) for r in range(4)]
+    for e in engines:
+        _ = e.llm  # started one at a time, as the trainer starts them before its first step
+    assert [e.llm.kwargs["seed"] for e in engines] == [7, 7, 8, 8]
+    assert all(e.llm.kwargs["tensor_parallel_size"] == 2 for e in engines)
+    assert all(e.llm.kwargs["distributed_executor_backend"] == "external_launcher" for e in engines)
+    got: dict[int, list] = {}
+
+    def run(r):
+        got[r] = engines[r].generate(own[r], SamplingSettings(n=2, max_new_tokens=3, prompt_seeds=tuple(seeds[r])))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    group_texts = [[p.text for p in every[:3]]] * 2 + [[p.text for p in every[3:]]] * 2
+    group_seeds = [seeds[0] + seeds[1]] * 2 + [seeds[2] + seeds[3]] * 2
+    for r, e in enumerate(engines):
+        [call] = e.llm.calls
+        assert [p["prompt"] for p in call["prompts"]] == group_texts[r]
+        assert [sp.seed for sp in call["sampling_params"]] == group_seeds[r]
+        alone = VLLMRolloutEngine("toy", processor, llm=SeededLLM("m")).generate(
+            own[r], SamplingSettings(n=2, max_new_tokens=3, prompt_seeds=tuple(seeds[r])))
+        assert got[r] == alone and len(got[r]) == 2 * counts[r]
+        assert [x.prompt_index for x in got[r]] == [i for i in range(counts[r]) for _ in range(2)]

@@ -12,6 +12,7 @@ object exchanges, so it asks for gloo even on GPUs (`init(backend="gloo")`): the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -106,6 +107,26 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def group_gatherer(size: int) -> Callable[[Any], list[Any]]:
+    """`all_gather_object` within this rank's group of `size` consecutive ranks (0..size-1, size..2·size-1, ...):
+    a function from this rank's object to the group's, in rank order. Every rank must call this together, once
+    (it creates the groups' process subgroups, which every rank of the job takes part in creating)."""
+    if size == 1:
+        return lambda obj: [obj]
+    if not active() or dist.get_world_size() % size:
+        raise VopdError(f"groups of {size} ranks need a torchrun job whose world size {size} divides "
+                        f"(this one: {world_size()})")
+    world = dist.get_world_size()
+    group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + size)) for s in range(0, world, size)])
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * size
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -56,6 +56,11 @@ class DistillConfig:
                                                    "cache); the rest is left for training. Engines sharing a GPU "
                                                    "split it. On a CPU: the share of the host's available memory "
                                                    "for the KV caches, split between the ranks on the host.")
+    vllm_tensor_parallel_size: int = _opt(1, "GPUs per vLLM engine (tensor parallel), under torchrun: the ranks "
+                                             "form groups of this many consecutive ranks, each group one engine "
+                                             "holding 1/K of the weights and KV cache on each of its GPUs; must "
+                                             "divide the number of ranks. For a model whose engine does not fit "
+                                             "one GPU beside training.")
     vllm_eager: bool = _opt(False, "Run vLLM without compilation or CUDA graphs: starts in seconds "
                                            "instead of a minute or more, generates more slowly.")
     vllm_dtype: str = _opt("auto", "vLLM's dtype: auto (the trainer's compute dtype: float32 on a CPU, bfloat16 "
@@ -193,6 +198,7 @@ class DistillConfig:
         need(self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16")
         need(self.rollout_engine in ROLLOUT_ENGINES, f"--rollout-engine must be one of {', '.join(ROLLOUT_ENGINES)}")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "--vllm-gpu-memory-utilization must be in (0, 1]")
+        need(self.vllm_tensor_parallel_size >= 1, "--vllm-tensor-parallel-size must be ≥ 1")
         need(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1, "--vllm-max-model-len must be ≥ 1")
         need(self.vllm_dtype in ("auto", "float32", "bfloat16", "float16"),
              "--vllm-dtype must be auto, float32, bfloat16 or float16")
@@ -217,7 +223,8 @@ class DistillConfig:
 # The evaluation settings are not among them: a resumed run compares its evaluations with the best so far.
 NOT_TRAINING = {"data_dir", "restart", "quiet", "log_every", "save_every", "remeasure", "remeasure_benchmarks",
                 "remeasure_limit", "keep_last", "out", "threads", "vllm_gpu_memory_utilization", "vllm_sleep_mode",
-                "focus", "profile", "dist_timeout", "sync_bucket_mb", "vllm_eager"}
+                "focus", "profile", "dist_timeout", "sync_bucket_mb", "vllm_eager",
+                "vllm_tensor_parallel_size"}
 
 # Settings tuned on the toy (see benchmarks/README.md and the report of the tuning runs). They apply only when
 # MODEL is `toy`, before any YAML file or flag, and are printed and recorded in the run's config.yaml.

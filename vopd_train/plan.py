@@ -17,8 +17,10 @@ Where each row comes from:
   below), or with gradient checkpointing each layer's input plus one layer recomputed. This is an estimate
   (about ±30%): torch's FSDP memory tracker could not measure it (see docs/results/memory-plan.md).
 - **Rollout rows**: transformers `generate` on the training model holds every sequence's cache at full length;
-  a vLLM engine reserves `--vllm-gpu-memory-utilization` of the GPU for its bf16 weights, its working memory and
-  its KV cache, and with `--vllm-sleep-mode` gives it all back while the trainer trains.
+  a vLLM engine reserves `--vllm-gpu-memory-utilization` of the GPU for its bf16 weights (1/K of them with
+  `--vllm-tensor-parallel-size K`: one engine over K GPUs), its working memory and its KV cache (a step's
+  sequences need as much per GPU either way: K ranks' prompts, 1/K of the KV heads), and with `--vllm-sleep-mode`
+  gives it all back while the trainer trains.
 - **Weight sync** (vLLM): today every parameter is gathered whole, in its dtype, at once (LoRA: the merged adapted
   layers); with a `sync_bucket_mb` setting only one bucket is.
 - **Set-up**: where `vopd_train.fsdp` says the trainer loads straight into the shards (`LOADS_SHARDED`), set-up
@@ -543,10 +545,17 @@ def plan_memory(model: str, model_config: Any, cfg: DistillConfig, setting: Sett
     if vllm:
         share = int(cfg.vllm_gpu_memory_utilization * setting.gpu_gib * GIB)
         engine_bytes = 4 if cfg.vllm_dtype == "float32" else 2  # `auto` is the trainer's compute dtype: bf16 on GPUs
-        engine_w = lay.engine_elements * engine_bytes
+        tp = cfg.vllm_tensor_parallel_size
+        if setting.gpus % tp:
+            raise VopdError(f"--vllm-tensor-parallel-size {tp} must divide the number of GPUs ({setting.gpus})")
+        # an engine over tp GPUs holds 1/tp of its weights on each (vLLM shards the layers; the few it keeps whole,
+        # norms and biases, are negligible); its KV cache is this GPU's share, as with one engine per GPU
+        engine_w = lay.engine_elements * engine_bytes // tp
         kv_budget = share - engine_w - VLLM_WORKING
         asleep = cfg.vllm_sleep_mode
-        add(f"engine weights (vLLM, {'fp32' if engine_bytes == 4 else 'bf16'})", f"{lay.engine_elements:,} parameters, one engine per GPU",
+        add(f"engine weights (vLLM, {'fp32' if engine_bytes == 4 else 'bf16'})",
+            f"{lay.engine_elements:,} parameters, " + ("one engine per GPU" if tp == 1 else
+                                                      f"one engine per {tp} GPUs: 1/{tp} of them on each"),
             training=0 if asleep else engine_w, weight_sync=engine_w, rollout=engine_w)
         add("engine working memory (vLLM)", "profiled activations and CUDA graphs (estimate)",
             training=0 if asleep else VLLM_WORKING, rollout=VLLM_WORKING)

@@ -20,8 +20,15 @@ holds its own copy of the weights, so `sync_weights` copies the student into it 
 Layouts. One process: the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `collective_rpc`
 calls the sync function on the worker directly and the weights are handed over as tensors, never serialised.
 Under torchrun: every rank starts its own engine with `distributed_executor_backend="external_launcher"` on its
-own device, after the trainer's process group exists, seeded from its rank; the ranks wait for one another after
-start-up. Memory: on a GPU `--vllm-gpu-memory-utilization` is the share of the GPU (divided between the engines
+own device, after the trainer's process group exists; the ranks wait for one another after start-up. With
+`--vllm-tensor-parallel-size K` (K divides the world size) the ranks form groups of K consecutive ranks (0..K-1,
+K..2K-1, ...: the tensor-parallel groups vLLM's external launcher forms from the torchrun world, innermost in its
+ExternalDP x DP x PP x PCP x TP layout), and one engine spans each group, each rank holding 1/K of its weights and
+KV cache. vLLM's external launcher has no coordinator: every rank of a group runs its own scheduler and must be
+handed the same requests in the same order with the same seed, so the engine is seeded from the group's index
+(from the rank when K = 1), each `generate` gathers the group's prompts and per-prompt seeds in rank order, every
+rank generates them all, and each keeps its own slice. A sync hands each rank's engine the whole checkpoint-format
+weights; vLLM's weight loaders keep the rank's shard. Memory: on a GPU `--vllm-gpu-memory-utilization` is the share of the GPU (divided between the engines
 that share one); on a CPU, where vLLM's KV cache comes out of host memory, it is the share of the memory the host
 has available at start, divided between the engines on the host, passed as `kv_cache_memory_bytes`.
 
@@ -40,8 +47,9 @@ import gc
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -82,7 +90,10 @@ class VLLMRolloutEngine:
     (level 1: weights to CPU memory, KV cache freed) between rollouts so training gets the GPU memory back.
     `gpu_memory_utilization` is the engine's memory share (see the module docstring for what it means on a CPU).
     `config` (the model's) adds its image/video token ids to the banned vision tokens. `place` is this process's
-    place in a torchrun job (one engine per rank). `bucket_mb` bounds the bytes gathered at once by a sync.
+    place in a torchrun job (one engine per rank). `tensor_parallel_size` K: one engine over each group of K
+    consecutive ranks (torchrun only; K divides the world size); `group_gather` replaces the collective that
+    gathers a group's prompts (tests simulate a group's ranks with it). `bucket_mb` bounds the bytes gathered at
+    once by a sync.
     `engine_kwargs` go to `vllm.LLM` as they are (e.g. `enforce_eager=True`, `mm_processor_kwargs={...}`).
     """
 
@@ -91,6 +102,7 @@ class VLLMRolloutEngine:
                  enable_sleep_mode: bool = False, trust_remote_code: bool = False,
                  eos_token_ids: Iterable[int] | None = None, config: Any = None,
                  bucket_mb: float = weight_sync.DEFAULT_BUCKET_MB, place: distributed.Place | None = None,
+                 tensor_parallel_size: int = 1, group_gather: Callable[[Any], list[Any]] | None = None,
                  **engine_kwargs: Any):
         if not 0 < gpu_memory_utilization <= 1:
             raise VopdError("the vLLM memory share (--vllm-gpu-memory-utilization) must be in (0, 1]")
@@ -98,8 +110,10 @@ class VLLMRolloutEngine:
             raise VopdError("the vLLM max model length must be positive")
         if bucket_mb <= 0:
             raise VopdError("--sync-bucket-mb must be positive")
-        if engine_kwargs.get("tensor_parallel_size", 1) != 1:
-            raise VopdError("--rollout-engine vllm runs one engine per rank (tensor parallel size 1)")
+        if "tensor_parallel_size" in engine_kwargs:
+            raise VopdError("pass the engine's tensor parallel size as `tensor_parallel_size`, not an engine argument")
+        place = place or distributed.Place()
+        check_tensor_parallel(tensor_parallel_size, place.world_size)
         if dtype not in ENGINE_DTYPES:
             raise VopdError(f"--vllm-dtype must be one of {', '.join(ENGINE_DTYPES)}, not {dtype!r}")
         self.processor = processor
@@ -111,15 +125,20 @@ class VLLMRolloutEngine:
         # bad_words are strings that vLLM tokenises; each vision token's own text is that single special token
         self.bad_words = [tok.convert_ids_to_tokens(i) for i in sorted(self.vision_ids)]
         self.sleep_mode = enable_sleep_mode
-        self.place = place or distributed.Place()
+        self.place = place
+        self.tp_size = tensor_parallel_size
+        self.tp_rank = place.rank % tensor_parallel_size  # this rank's place in its group
+        # the group's ranks gather their prompts: every rank of the job creates the subgroups together, now
+        self._group_gather = group_gather or distributed.group_gatherer(tensor_parallel_size)
         self.dtype = dtype
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.memory_share = gpu_memory_utilization
         self.engine_args: dict[str, Any] = {
             "model": resolve_model_path(model_path_or_name),
             "dtype": dtype,
-            # every rank its own stream (the rollouts are seeded per prompt anyway: vopd_train.sampling)
-            "seed": seed + self.place.rank,
+            # every engine its own stream (the rollouts are seeded per prompt anyway: vopd_train.sampling); the
+            # ranks of one tensor-parallel engine must sample alike, so the seed is the group's, not the rank's
+            "seed": seed + self.place.rank // tensor_parallel_size,
             "trust_remote_code": trust_remote_code,
             "limit_mm_per_prompt": {"image": 1},
             # the log-probs of the distribution actually sampled from (after the temperature), as the trainer's
@@ -132,6 +151,7 @@ class VLLMRolloutEngine:
         }
         if self.place.enabled:  # one engine per rank, in the rank's process, on its device (TRL's colocate mode)
             self.engine_args["distributed_executor_backend"] = "external_launcher"
+            self.engine_args["tensor_parallel_size"] = tensor_parallel_size
         if max_model_len is not None:
             self.engine_args["max_model_len"] = max_model_len
         self._llm = llm
@@ -151,6 +171,7 @@ class VLLMRolloutEngine:
                      enable_sleep_mode=cfg.vllm_sleep_mode, trust_remote_code=cfg.trust_remote_code,
                      eos_token_ids=eos if isinstance(eos, (list, tuple)) else [eos],
                      config=getattr(hf, "config", None), bucket_mb=cfg.sync_bucket_mb, place=place,
+                     tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                      **({"enforce_eager": True} if cfg.vllm_eager else {}), **kwargs)
         _ = engine.llm  # start it now: a vLLM that cannot start fails the run before any data is rendered
         distributed.barrier()  # every rank's engine is up before any rank goes on
@@ -166,15 +187,41 @@ class VLLMRolloutEngine:
     # ------------------------------------------------------------------ rollouts
 
     def generate(self, prompts: Sequence[EncodedPrompt], settings: SamplingSettings) -> list[Rollout]:
+        """The rollouts of `prompts`. With tensor parallel size K > 1 every rank of the group must call this
+        together (with its own prompts, possibly none): the group's prompts are generated on each of its ranks,
+        and each rank gets the rollouts of its own, as a K = 1 engine would give them."""
+        if not prompts and self.tp_size == 1:
+            return []
+        # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
+        # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
+        base = int(torch.randint(0, 2**31 - 1 - max(1, len(prompts)) * settings.n, ()).item())
+        seeds = list(settings.prompt_seeds or [base + i * settings.n for i in range(len(prompts))])
+        if len(seeds) != len(prompts):
+            raise VopdError(f"{len(seeds)} prompt seeds for {len(prompts)} prompts")
+        own = slice(0, len(prompts))
+        if self.tp_size > 1:
+            prompts, seeds, own = self._group_requests(prompts, seeds)
         if not prompts:
             return []
+        rollouts = self._generate(prompts, seeds, settings)
+        return [replace(r, prompt_index=r.prompt_index - own.start) for r in rollouts
+                if own.start <= r.prompt_index < own.stop]
+
+    def _group_requests(self, prompts: Sequence[EncodedPrompt],
+                        seeds: list[int]) -> tuple[list[EncodedPrompt], list[int], slice]:
+        """The group's prompts and seeds in rank order (what every rank of one tensor-parallel engine must hand it
+        alike), and where this rank's own lie among them. Only what vLLM needs travels: text, image, prompt ids."""
+        slim = [EncodedPrompt({"input_ids": p.input_ids}, {}, p.text, p.image) for p in prompts]
+        shares = self._group_gather((slim, seeds))
+        start = sum(len(s[0]) for s in shares[:self.tp_rank])
+        return ([p for s in shares for p in s[0]], [x for s in shares for x in s[1]],
+                slice(start, start + len(prompts)))
+
+    def _generate(self, prompts: Sequence[EncodedPrompt], seeds: Sequence[int],
+                  settings: SamplingSettings) -> list[Rollout]:
         llm = self.llm  # started on first use
         self._wake(*SLEEP_TAGS)
         requests = [vllm_request(p) for p in prompts]
-        # One seed per call from torch's generator (seeded per step by the trainer, so a resumed run draws the same);
-        # prompt i gets base + i·n and vLLM gives its j-th sample base + i·n + j: every sample has its own stream.
-        base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, ()).item())
-        seeds = settings.prompt_seeds or [base + i * settings.n for i in range(len(prompts))]
         params = [self.sampling_params(settings, seed) for seed in seeds]
         try:
             outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
@@ -295,6 +342,7 @@ def preflight(cfg: Any) -> None:
     """What `--rollout-engine vllm` can refuse before the trainer loads anything: no vLLM, a temperature vLLM
     would refuse or change, sleep mode on a platform without it."""
     check_temperature(cfg.temperature, "--temperature")
+    check_tensor_parallel(cfg.vllm_tensor_parallel_size, distributed.place_from_env().world_size)
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -303,6 +351,18 @@ def preflight(cfg: Any) -> None:
     if cfg.vllm_sleep_mode and not sleep_mode_available():
         raise VopdError(f"--vllm-sleep-mode: vLLM has no sleep mode on this platform ({engine_platform()}); "
                         "drop the flag (the engine then keeps its memory between rollouts)")
+
+
+def check_tensor_parallel(size: int, world_size: int) -> None:
+    """Tensor parallel size K: vopd's engines live in the training ranks, one rank per device, so an engine over K
+    devices spans K ranks of a torchrun job, and the job's ranks split into groups of K."""
+    if size < 1:
+        raise VopdError(f"--vllm-tensor-parallel-size must be ≥ 1, not {size}")
+    if size > 1 and world_size == 1:
+        raise VopdError(f"--vllm-tensor-parallel-size {size} needs torchrun with a multiple of {size} ranks: vopd's "
+                        "vLLM engines live in the training ranks, one rank per device, and one process is one device")
+    if world_size % size:
+        raise VopdError(f"--vllm-tensor-parallel-size {size} must divide the number of ranks ({world_size})")
 
 
 def sleep_mode_available() -> bool:
@@ -450,6 +510,6 @@ def export_weights(model: Any) -> dict[str, Tensor]:
     return weight_sync.export_weights(model)
 
 
-__all__ = ["ENGINE_DTYPES", "VLLMRolloutEngine", "check_free_gpu_memory", "engine_memory", "engine_platform",
+__all__ = ["ENGINE_DTYPES", "VLLMRolloutEngine", "check_free_gpu_memory", "check_tensor_parallel", "engine_memory", "engine_platform",
            "export_weights", "load_bucket", "preflight", "refresh_tied_layers", "preserved_rng_state", "reload_weights_on_worker",
            "set_in_process_mode", "shutdown_engine", "start_engine", "trainer_compute_dtype", "vllm_request"]

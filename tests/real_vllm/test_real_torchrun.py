@@ -3,7 +3,10 @@
 1. The trainer in two ranks (tests/real_vllm/torchrun_driver.py): each rank's rollouts come from its own engine
    and are its own share of the batch; after every sync (FSDP shards cast, gathered and loaded bucket by bucket)
    each rank's engine answers as transformers does on the trainer's current weights.
-2. The command users run, `torchrun --nproc-per-node 2 --no-python vopd distill ... --rollout-engine vllm`: it
+2. The same with `--vllm-tensor-parallel-size 2`: the two ranks form one tensor-parallel engine; the rollouts
+   each rank keeps are those a one-rank engine gives for its own prompts and seeds, and after every sync the
+   engine answers as transformers does.
+3. The command users run, `torchrun --nproc-per-node 2 --no-python vopd distill ... --rollout-engine vllm`: it
    starts two engines that split the host's memory, trains, exits cleanly, and the run resumes in one process.
 """
 
@@ -63,6 +66,42 @@ def test_each_rank_samples_its_share_from_its_own_engine_and_keeps_it_in_sync(vl
     assert set(ranks[0]["steps"][0]["own_share"]).isdisjoint(ranks[1]["steps"][0]["own_share"])
     figures["torchrun_2_ranks"] = {"is_weight": [s["is_weight"] for s in ranks[0]["steps"]],
                                    "sync_buckets": ranks[0]["steps"][0]["sync_buckets"]}
+
+
+def test_two_ranks_share_one_tensor_parallel_engine_and_keep_their_own_rollouts(vllm_tiny, rollout_engine,
+                                                                                 tmp_path, figures):
+    """K = 2 on 2 ranks (vllm_tiny: 4 attention heads, 2 KV heads, so each rank holds half of each layer)."""
+    import pickle
+    from dataclasses import asdict, replace
+
+    from torchrun_driver import PROBE_SEEDS
+
+    run = _torchrun(str(HERE / "torchrun_driver.py"), str(vllm_tiny), str(tmp_path), "2")
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # one engine over both ranks: vLLM's tensor-parallel group of 2, ranks 0 and 1, both seeded by the group
+    assert [r["tp"] for r in ranks] == [[2, 0], [2, 1]]
+    assert sorted(re.findall(r"global random seed is set to (\d+)", text)) == ["0", "0"]
+    probes, sampling = pickle.loads((tmp_path / "probes.pkl").read_bytes())
+    gaps = []
+    for r in ranks:  # what a one-rank engine gives for this rank's prompts and seeds, on the same weights
+        mine = slice(2 * r["rank"], 2 * r["rank"] + 2)
+        alone = rollout_engine.generate(probes[mine], replace(sampling, prompt_seeds=PROBE_SEEDS[mine]))
+        kept = r["own_rollouts"]
+        assert len(kept) == len(alone) == 2 * sampling.n
+        assert [(k["prompt_index"], k["token_ids"]) for k in kept] == [(a.prompt_index, a.token_ids) for a in alone]
+        gap = max(abs(x - y) for k, a in zip(kept, map(asdict, alone), strict=True)
+                  for x, y in zip(k["logprobs"], a["logprobs"], strict=True))
+        assert gap < 1e-3, gap
+        gaps.append(gap)
+        assert r["calls"] == [s["own_share"] for s in r["steps"]]  # in training: the rank's own share
+        for s in r["steps"]:
+            assert s["engine_agrees"], f"rank {r['rank']}: its engine is not the trainer after a sync"
+            assert 0.98 <= s["is_weight"] <= 1.02 and s["sync_buckets"] > 1
+    assert ranks[0]["own_rollouts"] != ranks[1]["own_rollouts"]
+    figures["torchrun_2_ranks_tensor_parallel_2"] = {"is_weight": [s["is_weight"] for s in ranks[0]["steps"]],
+                                                     "max_logprob_gap_vs_one_rank_engine": max(gaps)}
 
 
 def test_vopd_distill_under_torchrun_then_resumed_in_one_process(vllm_tiny, tmp_path, figures):
