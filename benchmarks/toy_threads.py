@@ -8,9 +8,9 @@ after, which says whether the machine was quiet enough for the figures to mean a
 
     .venv/bin/python benchmarks/toy_threads.py [--rounds 3] [--threads 1,2] [--limit N] [--json out.json]
 
-The toy's default (`vopd_bench.cli`: one thread for `toy`) should be what this measures fastest on a quiet
-machine (load average well under 1 before and after). `--limit` makes a quick check of the script itself; the
-decision needs the full command (no limit), as a newcomer runs it.
+On a quiet machine (a load average under 0.5 before the runs; during and after them the runs themselves keep it
+near 1) the figures say what a newcomer on an idle machine sees. `--limit` makes a quick check of the script
+itself; the figures need the full command (no limit), as a newcomer runs it.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
-          + ("  (not quiet: these figures do not decide the default)" if max(load_before[0], load_after[0]) > 1
-             else ""))
+          # the runs themselves keep one to two cores busy, so only the load before them says whether others were
+          + ("  (not quiet: other work was running)" if load_before[0] > 0.5 else ""))
     print(f"command: vopd gap-report toy --threads N{f' --limit {args.limit}' if args.limit else ''}, "
           f"{args.rounds} runs each, alternating")
     print("threads | median wall s | median CPU s | median backend s")

@@ -108,7 +108,7 @@ def gap_report(
                                                   "or jpeg (much cheaper to encode for large photographs)."),
     threads: int | None = typer.Option(None, help="hf backend on a CPU: torch threads. On a machine busy with other "
                                                     "work, 1 can be much faster. [default: torch's choice; 1 for the "
-                                                    "toy, whose ops are too small to split]"),
+                                                    "toy]"),
     tensor_parallel_size: int = typer.Option(1, help="vllm backend: GPUs per model replica."),
     max_model_len: int | None = typer.Option(None, help="vllm backend: context length cap. [default: the model's]"),
     vllm_dtype: str | None = typer.Option(None, help="vllm backend: float32, bfloat16 or float16. [default: the dtype "
@@ -142,7 +142,7 @@ def gap_report(
 
     set_max_pixels(max_image_pixels)
     if backend == "hf" and threads is None and model == "toy":
-        threads = 1  # its ops are too small to split; benchmarks/toy_threads.py measures 1 against 2 threads
+        threads = 1  # 2 are 1.28x faster idle, 4-7x slower on a busy CPU (docs/results/performance.md#threads)
     backend_options: dict = {"threads": threads} if backend == "hf" and threads else {}
     if backend == "openai":
         if not base_url:

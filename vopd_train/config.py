@@ -132,7 +132,7 @@ class DistillConfig:
     dtype: str = _opt("float32", "Weight dtype: float32 (master weights; bf16 autocast on a GPU) or bfloat16.")
     trust_remote_code: bool = _opt(False, "Allow the model's own code from the hub to run.")
     threads: int | None = _opt(None, "CPU threads for torch (none = torch's default, one per core). A tiny model "
-                                     "on a shared CPU is far faster on 1: its ops are too small to split.")
+                                     "on a busy CPU is far faster on 1.")
 
     # bookkeeping
     seed: int = _opt(0, "Seed of data order, rollout sampling and initialisation.")
