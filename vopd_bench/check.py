@@ -135,12 +135,13 @@ def _vision_fast_path(backend: Any) -> CheckLine:
     try:
         import torch
 
-        from vopd_train.rollout import build_sequences, model_family, response_hidden
+        from vopd_train.rollout import build_sequences, model_family, response_hidden, why_no_vision_once
 
         family = model_family(backend.model)
-        if family.vision_once is None:
-            return CheckLine(name, False, f"not available for {family.name} models: each rollout's image is encoded "
-                                          "separately (slower, same result)", required=False)
+        why_not = why_no_vision_once(backend.model, family)
+        if why_not:
+            return CheckLine(name, False, f"not available: {why_not}; each rollout's image is encoded separately "
+                                          "(slower, same result)", required=False)
         prompts = _sample_prompts(backend.processor)
         words = backend.processor.tokenizer("The answer is A", add_special_tokens=False)["input_ids"]
         responses = [words[:2], words[:1], words]

@@ -263,9 +263,10 @@ class HFRolloutEngine:
                            options: dict[str, Any]) -> Tensor:
         """The plain path: every prompt repeated n times, prefilled once per rollout."""
         repeated = [p for p in prompts for _ in range(n)]
-        shared = n > 1 and self.family.vision_once is not None and _generate_accepts_encoder_outputs(self.model)
-        if n > 1 and not shared:
-            _say_no_vision_once(self.family)
+        why_not = n > 1 and why_no_vision_once(self.model, self.family, generate=True)
+        shared = n > 1 and not why_not
+        if why_not:
+            _say_no_vision_once(self.family, why_not)
         inputs = collate_left(repeated, self.pad_id, self.family)
         if shared:  # the pixels go in once per prompt below, not once per rollout
             inputs = {k: v for k, v in inputs.items() if k not in self.family.tower_inputs}
@@ -428,13 +429,14 @@ def response_hidden(model: Any, batch: SeqBatch, vision_once: bool = True) -> Te
     kwargs: dict[str, Any] = {**batch.tokens, "use_cache": False}
     device = batch.input_ids.device
     with _autocast(device):
-        if vision_once and family.vision_once is not None and _accepts_encoder_outputs(base):
+        why_not = why_no_vision_once(model, family) if vision_once else None
+        if vision_once and not why_not:
             feats = family.vision_once(base, collate_vision(batch.prompt_vision, family))
             kwargs["mm_encoder_outputs"] = {"image": per_sequence(feats, batch.seq_prompt)}
             kwargs.update({k: v for k, v in batch.vision().items() if k not in family.tower_inputs})
         else:
-            if vision_once and len(batch.seq_prompt) > len(batch.prompt_vision):
-                _say_no_vision_once(family)
+            if why_not and len(batch.seq_prompt) > len(batch.prompt_vision):
+                _say_no_vision_once(family, why_not)
             kwargs.update(batch.vision())
         try:
             hidden = base(**kwargs).last_hidden_state
@@ -443,10 +445,24 @@ def response_hidden(model: Any, batch: SeqBatch, vision_once: bool = True) -> Te
     return hidden[batch.rows, batch.pos]
 
 
-def _say_no_vision_once(family: Family) -> None:
+def why_no_vision_once(model: Any, family: Family, generate: bool = False) -> str | None:
+    """None when each prompt's image can go through the vision tower once for all its sequences (the forward,
+    or with `generate` the generation loop, takes the tower's outputs); otherwise why not."""
+    if family.vision_once is None:
+        return f"{family.name} models have no vision-once path in vopd (it is built for the Qwen-VL families)"
+    accepts = _generate_accepts_encoder_outputs(model) if generate else _accepts_encoder_outputs(backbone(model))
+    if not accepts:
+        import transformers
+
+        return (f"transformers {transformers.__version__}'s {type(backbone(model)).__name__} takes no precomputed "
+                "image features (`mm_encoder_outputs`; a later release does)")
+    return None
+
+
+def _say_no_vision_once(family: Family, why: str) -> None:
     say_once(f"vision-once:{family.name}",
-             f"{family.name} models have no vision-once path in vopd (it is built for the Qwen-VL families), so "
-             "each rollout's copy of a prompt's image goes through the vision tower separately (slower, same result)")
+             f"{why}, so each rollout's copy of a prompt's image goes through the vision tower separately "
+             "(slower, same result)")
 
 
 def _accepts_encoder_outputs(base: Any) -> bool:
