@@ -263,8 +263,8 @@ class HFRolloutEngine:
                            options: dict[str, Any]) -> Tensor:
         """The plain path: every prompt repeated n times, prefilled once per rollout."""
         repeated = [p for p in prompts for _ in range(n)]
-        why_not = n > 1 and why_no_vision_once(self.model, self.family, generate=True)
-        shared = n > 1 and not why_not
+        why_not = why_no_vision_once(self.model, self.family, generate=True) if n > 1 else None
+        shared = n > 1 and why_not is None
         if why_not:
             _say_no_vision_once(self.family, why_not)
         inputs = collate_left(repeated, self.pad_id, self.family)
